@@ -1,0 +1,39 @@
+//! `cargo xtask test`: every test the project has, in one command.
+//!
+//! Order: system set-up, release build (the tests use release artifacts so that dependencies
+//! compile once), the Rust tests of the workspace (unit tests, the page-store conformance and
+//! crash suites, the admin CLI), then the Python end-to-end suites that load `liblitevfs.so`
+//! into real hosts (the Debian sqlite3 shell, apsw from PyPI) and run the examples.
+
+use std::process::Command;
+
+use crate::proc::{Error, run_checked};
+use crate::setup;
+
+pub fn run(args: &[String]) -> Result<(), Error> {
+    let pytest_args: Vec<&String> = args.iter().skip_while(|a| *a != "--").skip(1).collect();
+    setup::ensure_system(true)?;
+    let art = setup::build_release()?;
+    let root = setup::root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+
+    println!("==> Rust tests: cargo test --release --workspace");
+    run_checked(
+        Command::new(&cargo).current_dir(&root).args(["test", "--release", "--workspace"]),
+        "cargo test",
+    )?;
+
+    let py = setup::ensure_venv()?;
+    println!("==> end-to-end tests: pytest tests/e2e tests/examples");
+    run_checked(
+        Command::new(&py)
+            .current_dir(&root)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/e2e", "tests/examples"])
+            .args(pytest_args)
+            .env("LITEVFS_BIN", &art.bin)
+            .env("LITEVFS_EXT", &art.ext)
+            .env("LITEVFS_EXAMPLES_DIR", setup::target_dir().join("release/examples")),
+        "pytest",
+    )?;
+    Ok(())
+}
