@@ -1,0 +1,123 @@
+//! Request bodies: reading them under the size limit, spooling large ones to disk.
+//!
+//! Invariant: no body larger than `--max-body-size` is ever accepted (413 `ETOOLARGE`), and no
+//! body larger than [`MEMORY_LIMIT`] is held in memory: it goes to an anonymous temporary file in
+//! `DATA_DIR/tmp` that disappears when dropped. Bodies are read completely before the store
+//! sees them, so a slow client never holds the store's writer.
+
+use std::io::{Cursor, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use futures_util::StreamExt;
+
+use super::error::{ApiError, ApiResult};
+use crate::wire::ErrorCode;
+
+/// Bodies up to this size stay in memory.
+pub const MEMORY_LIMIT: usize = 8 << 20;
+
+/// A fully received body.
+pub enum Spool {
+    Memory(Vec<u8>),
+    File(std::fs::File, u64),
+}
+
+impl Spool {
+    pub fn len(&self) -> u64 {
+        match self {
+            Spool::Memory(v) => v.len() as u64,
+            Spool::File(_, n) => *n,
+        }
+    }
+
+    /// A reader over the body from its start.
+    pub fn into_reader(self) -> std::io::Result<Box<dyn Read + Send>> {
+        match self {
+            Spool::Memory(v) => Ok(Box::new(Cursor::new(v))),
+            Spool::File(mut f, _) => {
+                f.seek(SeekFrom::Start(0))?;
+                Ok(Box::new(f))
+            }
+        }
+    }
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::TooLarge,
+        format!("request body exceeds the limit of {limit} bytes"),
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads `body` (at most `limit` bytes), spilling to a temporary file in `tmp_dir` past
+/// [`MEMORY_LIMIT`].
+pub async fn spool(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    tmp_dir: &Path,
+) -> ApiResult<Spool> {
+    if content_length(headers).is_some_and(|n| n > limit) {
+        return Err(too_large(limit));
+    }
+    let mut stream = body.into_data_stream();
+    let mut mem = Vec::new();
+    let mut file: Option<(std::fs::File, u64)> = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(ErrorCode::BadInput, format!("reading request body: {e}"))
+        })?;
+        let total = file.as_ref().map_or(mem.len() as u64, |f| f.1) + chunk.len() as u64;
+        if total > limit {
+            return Err(too_large(limit));
+        }
+        if file.is_none() && total as usize > MEMORY_LIMIT {
+            let mut f = tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?;
+            f.write_all(&mem).map_err(ApiError::internal)?;
+            file = Some((f, mem.len() as u64));
+            mem = Vec::new();
+        }
+        match file.as_mut() {
+            Some((f, n)) => {
+                // Small synchronous writes into the page cache; the file is never fsynced.
+                tokio::task::block_in_place(|| f.write_all(&chunk)).map_err(ApiError::internal)?;
+                *n += chunk.len() as u64;
+            }
+            None => mem.extend_from_slice(&chunk),
+        }
+    }
+    Ok(match file {
+        Some((f, n)) => Spool::File(f, n),
+        None => Spool::Memory(mem),
+    })
+}
+
+/// Reads a small body (JSON) completely, at most `limit` bytes.
+pub async fn read_small(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec<u8>> {
+    if content_length(headers).is_some_and(|n| n > limit) {
+        return Err(too_large(limit));
+    }
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(ErrorCode::BadInput, format!("reading request body: {e}"))
+        })?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(too_large(limit));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}

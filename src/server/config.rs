@@ -1,0 +1,261 @@
+//! Configuration of `litevfs serve`: the command-line flags (each also settable from the
+//! environment), and parsing of durations, sizes and access tokens.
+//!
+//! Owns turning user input into validated values ([`Config`]); it performs no network I/O and
+//! decides nothing about requests (that is [`super::auth`]'s job).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::wire::validate_cluster_name;
+
+/// Flags of `litevfs serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Directory holding the store (`store.db`) and spooled uploads (`tmp/`).
+    #[arg(long, env = "LITEVFS_DATA_DIR", default_value = "./litevfs-data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on (host:port; port 0 picks a free port).
+    #[arg(long, env = "LITEVFS_LISTEN", default_value = "127.0.0.1:20202")]
+    pub listen: String,
+    /// How long every position stays readable after it was superseded (e.g. 10m, 30s, 1h, 500ms).
+    #[arg(long, env = "LITEVFS_RETENTION", default_value = "10m", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// Largest request body accepted (e.g. 1GiB, 64MiB, 4096); larger bodies get 413 ETOOLARGE.
+    #[arg(long, env = "LITEVFS_MAX_BODY_SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub max_body_size: u64,
+    /// An access token: TOKEN=CLUSTER:rw or TOKEN=CLUSTER:ro (CLUSTER `*` = every cluster).
+    /// Repeatable; the environment variable takes a comma-separated list.
+    #[arg(long = "token", env = "LITEVFS_TOKENS", value_delimiter = ',')]
+    pub tokens: Vec<String>,
+    /// A file of tokens, one TOKEN=CLUSTER:MODE per line; blank lines and `#` comments ignored.
+    #[arg(long, env = "LITEVFS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Allow anonymous access on a non-loopback address when no token is configured.
+    #[arg(long, env = "LITEVFS_INSECURE")]
+    pub insecure: bool,
+    /// FOR BENCHMARKS ONLY: sleep this many milliseconds before handling every request, to
+    /// simulate a remote page store.
+    #[arg(long, env = "LITEVFS_DELAY_MS", default_value_t = 0)]
+    pub delay_ms: u64,
+}
+
+/// Whether a token may change data.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Which clusters a token opens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterScope {
+    /// Exactly this cluster.
+    One(String),
+    /// Every cluster (`*`); the request picks one with `?cluster=`.
+    Any,
+}
+
+/// What a configured token grants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: ClusterScope,
+    pub access: Access,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid token spec {0:?}: expected TOKEN=CLUSTER:rw or TOKEN=CLUSTER:ro")]
+    TokenSpec(String),
+    #[error("invalid cluster {0:?} in a token spec: {1}")]
+    TokenCluster(String, crate::wire::NameError),
+    #[error("cannot read tokens file {0}: {1}")]
+    TokensFile(PathBuf, std::io::Error),
+    #[error("cannot resolve listen address {0:?}: {1}")]
+    Listen(String, String),
+    #[error(
+        "refusing to listen on non-loopback address {0} without tokens; \
+         configure --token/--tokens-file or pass --insecure"
+    )]
+    Insecure(SocketAddr),
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub retention: Duration,
+    pub max_body_size: u64,
+    pub tokens: HashMap<String, Grant>,
+    pub delay: Duration,
+}
+
+impl Config {
+    pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let mut tokens = HashMap::new();
+        for spec in &args.tokens {
+            let (t, g) = parse_token(spec)?;
+            tokens.insert(t, g);
+        }
+        if let Some(path) = &args.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::TokensFile(path.clone(), e))?;
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (t, g) = parse_token(line)?;
+                tokens.insert(t, g);
+            }
+        }
+        let listen = resolve(&args.listen)?;
+        if tokens.is_empty() && !listen.ip().is_loopback() && !args.insecure {
+            return Err(ConfigError::Insecure(listen));
+        }
+        Ok(Config {
+            data_dir: args.data_dir.clone(),
+            listen,
+            retention: args.retention,
+            max_body_size: args.max_body_size,
+            tokens,
+            delay: Duration::from_millis(args.delay_ms),
+        })
+    }
+}
+
+fn resolve(listen: &str) -> Result<SocketAddr, ConfigError> {
+    let err = |e: String| ConfigError::Listen(listen.to_string(), e);
+    listen
+        .to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))
+}
+
+/// Parses `TOKEN=CLUSTER:rw|ro`. The token may itself contain `=`; the last one separates.
+pub fn parse_token(spec: &str) -> Result<(String, Grant), ConfigError> {
+    let bad = || ConfigError::TokenSpec(spec.to_string());
+    let (token, rest) = spec.rsplit_once('=').ok_or_else(bad)?;
+    let (cluster, mode) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let access = match mode {
+        "rw" => Access::ReadWrite,
+        "ro" => Access::ReadOnly,
+        _ => return Err(bad()),
+    };
+    if token.is_empty() {
+        return Err(bad());
+    }
+    let scope = if cluster == "*" {
+        ClusterScope::Any
+    } else {
+        validate_cluster_name(cluster)
+            .map_err(|e| ConfigError::TokenCluster(cluster.to_string(), e))?;
+        ClusterScope::One(cluster.to_string())
+    };
+    Ok((token.to_string(), Grant { scope, access }))
+}
+
+/// Parses `500ms`, `30s`, `10m`, `2h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {s:?} too large"))
+}
+
+/// Parses a byte size: a number with an optional unit (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`,
+/// binary multiples, case-insensitive, optional trailing `B`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult: u64 = match unit.trim_end_matches('b').trim_end_matches('i') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M, G, T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("3w").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1X").is_err());
+    }
+
+    #[test]
+    fn tokens() {
+        let (t, g) = parse_token("FlyV1 a=b==prod:ro").unwrap();
+        assert_eq!(t, "FlyV1 a=b=");
+        assert_eq!(
+            g,
+            Grant {
+                scope: ClusterScope::One("prod".into()),
+                access: Access::ReadOnly
+            }
+        );
+        let (t, g) = parse_token("secret=prod:rw").unwrap();
+        assert_eq!(t, "secret");
+        assert_eq!(
+            g,
+            Grant {
+                scope: ClusterScope::One("prod".into()),
+                access: Access::ReadWrite
+            }
+        );
+        assert_eq!(
+            parse_token("admin=*:rw").unwrap().1.scope,
+            ClusterScope::Any
+        );
+        for bad in [
+            "secret",
+            "secret=prod",
+            "secret=prod:rx",
+            "=prod:rw",
+            "s=../x:rw",
+        ] {
+            assert!(parse_token(bad).is_err(), "{bad}");
+        }
+    }
+}

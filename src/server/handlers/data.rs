@@ -1,0 +1,158 @@
+//! The data plane: `GET /pos`, `POST /db/tx` and `GET /db/page` (spec 2.1, 2.2, 2.4).
+//!
+//! `/db/page` answers in JSON (base64 pages) or, when the client's `Accept` names
+//! [`MEDIA_PAGE_FRAMES`], in binary page frames (our extension). Both carry
+//! `Litevfs-Page-Size`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{blocking, db_key, parse_pos};
+use crate::server::App;
+use crate::server::auth::{Caller, Params};
+use crate::server::body::spool;
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::metrics::Metrics;
+use crate::wire::{
+    ErrorCode, HEADER_HWM, HEADER_LEASE_ID, MEDIA_PAGE_FRAMES, Page, PagesResponse, Pos,
+    encode_page_frames,
+};
+
+/// Response header of `/db/page`: the page size at the requested position.
+pub const HEADER_PAGE_SIZE: &str = "Litevfs-Page-Size";
+/// Most distinct page numbers one `/db/page` request may ask for.
+pub const MAX_PAGES_PER_REQUEST: usize = 4096;
+
+pub async fn get_pos(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<BTreeMap<String, Pos>>> {
+    let store = app.store.clone();
+    let cluster = caller.cluster.clone();
+    let list = blocking(move || store.positions(&cluster)).await?;
+    Ok(Json(list.into_iter().collect()))
+}
+
+pub async fn post_tx(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    params: Params,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    caller.require_write()?;
+    let key = db_key(&caller, &params)?;
+    let lease = match headers.get(HEADER_LEASE_ID) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::new(ErrorCode::BadInput, "invalid Lfsc-Lease-Id header"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let spooled = spool(
+        &headers,
+        body,
+        app.config.max_body_size,
+        app.store.tmp_dir(),
+    )
+    .await?;
+    let store = app.store.clone();
+    let applied = blocking(move || {
+        let reader = spooled.into_reader()?;
+        store.apply_ltx(&key, lease.as_deref(), reader)
+    })
+    .await?;
+    Metrics::add(&app.metrics.commits, 1);
+    Metrics::add(&app.metrics.commit_pages, applied.pages_stored);
+    // Everything accepted is durable in this store, so the high-water mark is the new head.
+    Ok((StatusCode::OK, [(HEADER_HWM, applied.pos.txid.to_string())]).into_response())
+}
+
+/// Page numbers from `pgno` parameters: comma lists and/or repeats, first occurrence kept.
+fn parse_pgnos(params: &Params) -> ApiResult<Vec<u32>> {
+    let bad = |s: &str| ApiError::new(ErrorCode::InvalidPgno, format!("invalid page number {s:?}"));
+    let mut out: Vec<u32> = Vec::new();
+    for part in params.all("pgno").flat_map(|v| v.split(',')) {
+        let n: u32 = part.trim().parse().map_err(|_| bad(part))?;
+        if n == 0 {
+            return Err(bad(part));
+        }
+        if !out.contains(&n) {
+            out.push(n);
+        }
+        if out.len() > MAX_PAGES_PER_REQUEST {
+            return Err(ApiError::new(
+                ErrorCode::InvalidPgno,
+                format!("more than {MAX_PAGES_PER_REQUEST} pages requested"),
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPgno,
+            "missing pgno parameter",
+        ));
+    }
+    Ok(out)
+}
+
+fn wants_frames(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|m| m.trim().starts_with(MEDIA_PAGE_FRAMES))
+        })
+}
+
+pub async fn get_page(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    params: Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let key = db_key(&caller, &params)?;
+    let pos = parse_pos(
+        params
+            .get("pos")
+            .ok_or_else(|| ApiError::new(ErrorCode::BadPos, "missing pos parameter"))?,
+    )?;
+    let pgnos = parse_pgnos(&params)?;
+    let store = app.store.clone();
+    let got = blocking(move || store.pages_at(&key, pos, &pgnos)).await?;
+    let bytes: usize = got.pages.iter().map(|(_, d)| d.len()).sum();
+    Metrics::add(&app.metrics.pages_served, got.pages.len() as u64);
+    Metrics::add(&app.metrics.page_bytes_served, bytes as u64);
+    let page_size = HeaderValue::from(got.page_size);
+    if wants_frames(&headers) {
+        let body = encode_page_frames(got.pages.iter().map(|(p, d)| (*p, d.as_slice())));
+        let ct = HeaderValue::from_static(MEDIA_PAGE_FRAMES);
+        return Ok((
+            [
+                (header::CONTENT_TYPE, ct),
+                (HEADER_PAGE_SIZE.parse().expect("valid"), page_size),
+            ],
+            body,
+        )
+            .into_response());
+    }
+    let pages = got
+        .pages
+        .into_iter()
+        .map(|(pgno, data)| Page { pgno, data })
+        .collect();
+    Ok((
+        [(HEADER_PAGE_SIZE, page_size)],
+        Json(PagesResponse { pages }),
+    )
+        .into_response())
+}

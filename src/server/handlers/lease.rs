@@ -1,0 +1,81 @@
+//! Write leases over HTTP: `POST /lease` (acquire, or refresh with `id`) and `DELETE /lease`
+//! (spec 2.7). Acquiring a lease on a database that does not exist creates it at the zero
+//! position, as LiteFS Cloud did, so it is listed by `/pos`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use super::{blocking, db_key};
+use crate::server::App;
+use crate::server::auth::{Caller, Params};
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::store::{DEFAULT_LEASE, LeaseEvent, StoreResult};
+use crate::wire::{ErrorCode, Lease};
+
+fn parse_duration(params: &Params) -> ApiResult<Duration> {
+    match params.get("duration") {
+        None => Ok(DEFAULT_LEASE),
+        Some(s) => s.parse::<u64>().map(Duration::from_millis).map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadInput,
+                format!("invalid duration {s:?} (milliseconds)"),
+            )
+        }),
+    }
+}
+
+/// Counts the outcome of a lease operation and converts store errors.
+fn record<T>(app: &App, ok: LeaseEvent, r: StoreResult<T>) -> ApiResult<T> {
+    let event = match &r {
+        Ok(_) => Some(ok),
+        Err(e) => LeaseEvent::of_error(e),
+    };
+    if let Some(ev) = event {
+        app.metrics.lease_event(ev.as_str());
+    }
+    r.map_err(ApiError::from)
+}
+
+pub async fn post_lease(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    params: Params,
+) -> ApiResult<Json<Lease>> {
+    caller.require_write()?;
+    let key = db_key(&caller, &params)?;
+    let duration = parse_duration(&params)?;
+    if let Some(id) = params.get("id") {
+        let r = app.store.leases().refresh(&key, id, duration);
+        return record(&app, LeaseEvent::Refreshed, r).map(Json);
+    }
+    let lease = record(
+        &app,
+        LeaseEvent::Acquired,
+        app.store.leases().acquire(&key, duration),
+    )?;
+    let store = app.store.clone();
+    blocking(move || store.ensure_db(&key)).await?;
+    Ok(Json(lease))
+}
+
+pub async fn delete_lease(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    params: Params,
+) -> ApiResult<StatusCode> {
+    caller.require_write()?;
+    let key = db_key(&caller, &params)?;
+    let id = params
+        .get("id")
+        .ok_or_else(|| ApiError::new(ErrorCode::BadInput, "missing id parameter"))?;
+    record(
+        &app,
+        LeaseEvent::Released,
+        app.store.leases().release(&key, id),
+    )?;
+    Ok(StatusCode::OK)
+}

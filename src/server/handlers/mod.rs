@@ -1,0 +1,56 @@
+//! HTTP handlers, one module per concept: the data plane ([`data`]: `/pos`, `/db/tx`,
+//! `/db/page`), change feeds ([`sync`]), leases ([`lease`]), whole-database images
+//! ([`images`]: snapshot, upload, delete, restore) and service endpoints ([`misc`]).
+//!
+//! Handlers only parse and validate input, call the store off the async executor
+//! ([`blocking`]) and shape replies; every rule about data lives in [`super::store`].
+
+pub mod data;
+pub mod images;
+pub mod lease;
+pub mod misc;
+pub mod sync;
+
+use super::auth::{Caller, Params};
+use super::error::{ApiError, ApiResult};
+use super::store::{DbKey, StoreResult};
+use crate::wire::{ErrorCode, Pos, Txid, validate_db_name};
+
+/// Runs blocking store work on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(format!("store task failed: {e}"))),
+    }
+}
+
+/// The `db` parameter, validated (spec 1.2), in the caller's cluster.
+pub fn db_key(caller: &Caller, params: &Params) -> ApiResult<DbKey> {
+    let name = params
+        .get("db")
+        .ok_or_else(|| ApiError::new(ErrorCode::BadDb, "missing db parameter"))?;
+    validate_db_name(name).map_err(ApiError::bad_db)?;
+    Ok(DbKey {
+        cluster: caller.cluster.clone(),
+        name: name.to_string(),
+    })
+}
+
+/// A position string `<16 hex>/<16 hex>` (400 `EBADPOS` otherwise).
+pub fn parse_pos(s: &str) -> ApiResult<Pos> {
+    s.parse::<Pos>()
+        .map_err(|e| ApiError::new(ErrorCode::BadPos, format!("invalid pos: {e}")))
+}
+
+/// An optional 16-hex-digit TXID parameter (400 `EBADINPUT` if malformed).
+pub fn parse_txid(params: &Params, name: &str) -> ApiResult<Option<Txid>> {
+    params
+        .get(name)
+        .map(|s| {
+            s.parse::<Txid>()
+                .map_err(|e| ApiError::new(ErrorCode::BadInput, format!("invalid {name}: {e}")))
+        })
+        .transpose()
+}

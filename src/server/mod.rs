@@ -1,0 +1,142 @@
+//! `litevfs serve`: the page store, speaking the LiteFS Cloud HTTP API (spec sections 2 and 3)
+//! plus our extensions (binary page frames, long-poll sync, snapshots at older positions).
+//!
+//! Owns the process: configuration ([`config`]), the HTTP surface ([`routes`], [`handlers`],
+//! [`auth`], [`body`], [`error`], [`metrics`]) and the durable store ([`store`]). Invariant: a
+//! request is answered only after the store finished (and, for writes, fsynced) its work; every
+//! reply that is not a success is a JSON error body. See `docs/server.md` for the user's view.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod routes;
+pub mod store;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+pub use config::{Config, ServeArgs};
+use metrics::Metrics;
+use store::Store;
+
+/// Shared state of the running server.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub metrics: Metrics,
+    /// Becomes `true` when the server starts shutting down (ends long-polls early).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Runs `litevfs serve` until SIGTERM or ctrl-c.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let config = Config::from_args(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(config))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let store = Store::open(&config.data_dir, config.retention)
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if config.tokens.is_empty() {
+        eprintln!(
+            "litevfs serve: no tokens configured: anonymous read-write access for anyone who can reach {addr}"
+        );
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let app = Arc::new(App {
+        config,
+        store: Arc::new(store),
+        metrics: Metrics::default(),
+        shutdown: shutdown_rx,
+    });
+    tokio::spawn(compaction_loop(app.clone()));
+    tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "page store ready");
+    println!("litevfs serve: listening on http://{addr}");
+    std::io::stdout().flush()?;
+    axum::serve(listener, routes::router(app.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = shutdown_tx.send(true);
+        })
+        .await
+        .context("serving HTTP")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// How often compaction runs: half the retention, between 200 ms and 30 s.
+fn compaction_interval(retention: Duration) -> Duration {
+    (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(30))
+}
+
+async fn compaction_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(compaction_interval(app.config.retention));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if *app.shutdown.borrow() {
+            return;
+        }
+        let store = app.store.clone();
+        match tokio::task::spawn_blocking(move || store.compact()).await {
+            Ok(Ok(stats)) => {
+                Metrics::add(&app.metrics.compactions, 1);
+                Metrics::add(&app.metrics.compacted_page_versions, stats.pages_deleted);
+                app.metrics
+                    .page_versions
+                    .store(stats.page_versions, std::sync::atomic::Ordering::Relaxed);
+                if stats.pages_deleted > 0 || stats.txns_deleted > 0 {
+                    tracing::debug!(?stats, "compacted");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "compaction failed"),
+            Err(e) => tracing::warn!(error = %e, "compaction task failed"),
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Whole-database images: writing a snapshot (LTX or raw SQLite) at a position, and appending a
+//! full image as a new transaction (`POST /db/upload`, `POST /db/restore`).
+//!
+//! Invariants: a written LTX snapshot's pages are re-checksummed against the stored position
+//! before its trailer is written (a mismatch aborts the stream); an appended image becomes
+//! exactly one transaction at head+1 whose post-apply checksum is computed from its pages, and
+//! only pages that differ from the previous version are stored.
+
+use std::io::{BufReader, Read, Write};
+use std::str::FromStr;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::read::plan_in;
+use super::{
+    DbKey, SnapshotPlan, Store, StoreError, StoreResult, TXN_COLS, TxnRow, find_db, head,
+    insert_db, insert_page, insert_txn, now_ms, page_version, txn_at, txn_from_row,
+};
+use crate::dbfile::DbHeader;
+use crate::ltx::{self, EMPTY_CHECKSUM, checksum_xor, lock_page, page_checksum};
+use crate::wire::{Pos, Txid};
+
+/// Output format of `GET /db/snapshot`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// An uncompressed LTX snapshot (MinTXID 1, MaxTXID = the position's TXID).
+    Ltx,
+    /// The raw SQLite file, lock page zero-filled.
+    Sqlite,
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "" | "ltx" => Ok(Format::Ltx),
+            "sqlite" => Ok(Format::Sqlite),
+            _ => Err(format!("unknown snapshot format {s:?} (use ltx or sqlite)")),
+        }
+    }
+}
+
+/// Where `POST /db/restore` goes back to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RestoreTarget {
+    Txid(u64),
+    /// Milliseconds since the epoch: the position that was current at that moment.
+    TimestampMs(u64),
+}
+
+impl Store {
+    /// Writes a snapshot of `key` at `txid` (default: current). `start` is called once the
+    /// snapshot is known to exist and returns the sink (or `None` to give up); errors before
+    /// that are returned without calling it.
+    pub fn snapshot<W: Write>(
+        &self,
+        key: &DbKey,
+        txid: Option<u64>,
+        format: Format,
+        start: impl FnOnce(&SnapshotPlan) -> Option<W>,
+    ) -> StoreResult<()> {
+        self.read(|tx| {
+            let plan = plan_in(tx, key, txid)?;
+            match start(&plan) {
+                Some(out) => write_image(tx, &plan, format, out),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Imports a raw SQLite file of `len` bytes as a new transaction at head+1.
+    pub fn upload(&self, key: &DbKey, len: u64, body: impl Read) -> StoreResult<Pos> {
+        let mut r = BufReader::new(body);
+        let mut first = [0u8; crate::dbfile::HEADER_SIZE];
+        r.read_exact(&mut first)
+            .map_err(|_| StoreError::BadHeader("file is shorter than the SQLite header".into()))?;
+        let hdr = DbHeader::parse(&first).map_err(|e| StoreError::BadHeader(e.to_string()))?;
+        let ps = u64::from(hdr.page_size);
+        if len % ps != 0 || len / ps > u64::from(u32::MAX) {
+            return Err(StoreError::BadHeader(format!(
+                "file size {len} is not a multiple of the page size {ps}"
+            )));
+        }
+        let commit = (len / ps) as u32;
+        let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
+            if pgno == 1 {
+                buf[..first.len()].copy_from_slice(&first);
+                r.read_exact(&mut buf[first.len()..])?;
+            } else {
+                r.read_exact(buf)?;
+            }
+            Ok(())
+        };
+        let pos = self
+            .write(|tx| append_image(tx, key, hdr.page_size, commit, ltx::now_ms(), &mut fill))?;
+        self.notify();
+        Ok(pos)
+    }
+
+    /// Re-appends the image at `target` as a new transaction; returns the new head TXID (or the
+    /// current one when the target is the current position).
+    pub fn restore(&self, key: &DbKey, target: RestoreTarget) -> StoreResult<Txid> {
+        let (txid, changed) = self.write(|tx| {
+            let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+            let h = head(tx, db_id)?
+                .ok_or_else(|| StoreError::NoTxid("database has no data yet".into()))?;
+            let t = resolve(tx, db_id, target)?;
+            if t.max_txid == h.max_txid {
+                return Ok((h.max_txid, false));
+            }
+            let lock = lock_page(t.page_size);
+            let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
+                if pgno == lock {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                let (_, data) = page_version(tx, db_id, pgno, t.max_txid)?
+                    .ok_or(StoreError::NoPrevPage(pgno))?;
+                buf.copy_from_slice(&data);
+                Ok(())
+            };
+            let pos = append_image(tx, key, t.page_size, t.commit, ltx::now_ms(), &mut fill)?;
+            Ok((pos.txid.0, true))
+        })?;
+        if changed {
+            self.notify();
+        }
+        Ok(Txid(txid))
+    }
+}
+
+fn resolve(tx: &Connection, db_id: i64, target: RestoreTarget) -> StoreResult<TxnRow> {
+    match target {
+        RestoreTarget::Txid(t) => txn_at(tx, db_id, t)?.ok_or_else(|| {
+            StoreError::NoTxid(format!("transaction {t:016x} not found or not retained"))
+        }),
+        RestoreTarget::TimestampMs(ms) => {
+            let sql = format!(
+                "SELECT {TXN_COLS} FROM txns WHERE db_id = ?1 AND created_ms <= ?2
+                 ORDER BY max_txid DESC LIMIT 1"
+            );
+            tx.query_row(&sql, rusqlite::params![db_id, ms as i64], txn_from_row)
+                .optional()?
+                .ok_or_else(|| StoreError::NoTimestamp(format!("{ms}ms")))
+        }
+    }
+}
+
+/// Appends a full image (pages 1..=commit from `fill`, in order) at head+1.
+fn append_image(
+    tx: &Connection,
+    key: &DbKey,
+    page_size: u32,
+    commit: u32,
+    timestamp_ms: u64,
+    fill: &mut dyn FnMut(u32, &mut [u8]) -> StoreResult<()>,
+) -> StoreResult<Pos> {
+    let db_id = match find_db(tx, key)? {
+        Some(id) => id,
+        None => insert_db(tx, key)?,
+    };
+    let old = head(tx, db_id)?;
+    let (old_txid, old_commit, old_post) = old
+        .as_ref()
+        .map_or((0, 0, 0), |o| (o.max_txid, o.commit, o.post_apply));
+    if let Some(o) = old
+        .as_ref()
+        .filter(|o| o.commit > 0 && o.page_size != page_size)
+    {
+        return Err(StoreError::BadHeader(format!(
+            "page size mismatch: database has {}, image has {page_size}",
+            o.page_size
+        )));
+    }
+    let txid = old_txid + 1;
+    let lock = lock_page(page_size);
+    let mut checksum = EMPTY_CHECKSUM;
+    let mut buf = vec![0u8; page_size as usize];
+    for pgno in 1..=commit {
+        fill(pgno, &mut buf)?;
+        if pgno == lock {
+            continue;
+        }
+        let ck = page_checksum(pgno, &buf);
+        checksum = checksum_xor(checksum, ck);
+        if pgno <= old_commit
+            && let Some((old_ck, old_data)) = page_version(tx, db_id, pgno, old_txid)?
+            && old_ck == ck
+            && old_data == buf
+        {
+            continue;
+        }
+        insert_page(tx, db_id, pgno, txid, ck, &buf)?;
+    }
+    let row = TxnRow {
+        min_txid: if old.is_some() { txid } else { 1 },
+        max_txid: txid,
+        page_size,
+        commit,
+        timestamp_ms,
+        pre_apply: old_post,
+        post_apply: checksum,
+        created_ms: now_ms(),
+    };
+    insert_txn(tx, db_id, &row)?;
+    Ok(row.pos())
+}
+
+/// Streams the image of `plan` to `out`.
+fn write_image(
+    tx: &Connection,
+    plan: &SnapshotPlan,
+    format: Format,
+    mut out: impl Write,
+) -> StoreResult<()> {
+    let t = &plan.txn;
+    let lock = lock_page(t.page_size);
+    let page = |pgno: u32| -> StoreResult<Vec<u8>> {
+        let (ck, data) =
+            page_version(tx, plan.db_id, pgno, t.max_txid)?.ok_or(StoreError::NoPrevPage(pgno))?;
+        if page_checksum(pgno, &data) != ck {
+            return Err(StoreError::Corrupt(format!(
+                "stored page {pgno} fails its checksum"
+            )));
+        }
+        Ok(data)
+    };
+    match format {
+        Format::Sqlite => {
+            for pgno in 1..=t.commit {
+                let data = if pgno == lock {
+                    vec![0; t.page_size as usize]
+                } else {
+                    page(pgno)?
+                };
+                out.write_all(&data)?;
+            }
+            out.flush()?;
+        }
+        Format::Ltx => {
+            let hdr = ltx::Header {
+                timestamp_ms: t.timestamp_ms,
+                ..ltx::Header::new(t.page_size, t.commit, 1, t.max_txid, 0)
+            };
+            let corrupt = |e: ltx::LtxError| match e {
+                ltx::LtxError::Io(io) => StoreError::Io(io),
+                e => StoreError::Corrupt(e.to_string()),
+            };
+            let mut w = ltx::Writer::new(out, &hdr).map_err(corrupt)?;
+            let mut checksum = EMPTY_CHECKSUM;
+            for pgno in (1..=t.commit).filter(|&p| p != lock) {
+                let data = page(pgno)?;
+                checksum = checksum_xor(checksum, page_checksum(pgno, &data));
+                w.write_page(pgno, &data).map_err(corrupt)?;
+            }
+            if checksum != t.post_apply {
+                return Err(StoreError::Corrupt(format!(
+                    "pages at {:016x} sum to {checksum:016x}, position says {:016x}",
+                    t.max_txid, t.post_apply
+                )));
+            }
+            let (_, mut out) = w.finish(t.post_apply).map_err(corrupt)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}

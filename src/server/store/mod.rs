@@ -1,0 +1,371 @@
+//! The page store: databases, their positions, page versions at positions, leases, retention.
+//!
+//! Owns all persistent state (in `DATA_DIR/store.db`, see [`schema`]) and the in-memory leases.
+//! Invariants:
+//! - every accepted transaction (an LTX file, an upload, a restore) is exactly one SQLite
+//!   transaction on the single writer connection, committed with `synchronous=FULL` before the
+//!   caller replies, so a crash leaves each database at its last acknowledged position;
+//! - bad input is detected inside that transaction and rolls it back, so it changes nothing;
+//! - every position newer than the retention window can be read back page by page.
+//!
+//! All methods block (SQLite I/O): call them from `spawn_blocking`. The store knows nothing about
+//! HTTP; [`StoreError`] is mapped to wire codes by the server.
+
+mod apply;
+mod image;
+mod lease;
+mod read;
+mod retention;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction};
+use tokio::sync::watch;
+
+use crate::ltx::LtxError;
+use crate::wire::Pos;
+
+pub use image::{Format, RestoreTarget};
+pub use lease::{DEFAULT_LEASE, LeaseEvent, Leases, MAX_LEASE, MIN_LEASE};
+pub use read::SnapshotPlan;
+pub use retention::CompactionStats;
+
+/// A database's identity: its cluster (namespace) and name, both already validated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DbKey {
+    pub cluster: String,
+    pub name: String,
+}
+
+/// Everything that can go wrong in the store; the server maps each variant to one wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("position mismatch")]
+    PosMismatch(Pos),
+    #[error("database {0:?} not found")]
+    NoDb(String),
+    #[error("{0}")]
+    NoTxid(String),
+    #[error("no transaction at or before timestamp {0}")]
+    NoTimestamp(String),
+    #[error("page {0} not found")]
+    NoPage(u32),
+    #[error("invalid LTX file: {0}")]
+    BadFormat(LtxError),
+    #[error("{0}")]
+    BadHeader(String),
+    #[error("post-apply checksum mismatch: file says {file:016x}, store computed {computed:016x}")]
+    BadChecksum { file: u64, computed: u64 },
+    #[error(
+        "database grows from {old} to {new} pages but the file lacks {missing} of the new pages"
+    )]
+    MissingPages { old: u32, new: u32, missing: u32 },
+    #[error("previous version of page {0} not found")]
+    NoPrevPage(u32),
+    #[error("database is leased by another client")]
+    LeaseExists,
+    #[error("lease not found or expired")]
+    NoLease,
+    #[error("lease mismatch: the database is leased under another id")]
+    LeaseMismatch,
+    #[error("{0}")]
+    BadInput(String),
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One row of `txns`: an accepted transaction and the position it ends at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnRow {
+    pub min_txid: u64,
+    pub max_txid: u64,
+    pub page_size: u32,
+    pub commit: u32,
+    pub timestamp_ms: u64,
+    pub pre_apply: u64,
+    pub post_apply: u64,
+    pub created_ms: u64,
+}
+
+impl TxnRow {
+    pub fn pos(&self) -> Pos {
+        Pos::new(self.max_txid, self.post_apply)
+    }
+}
+
+/// Most read connections kept open for reuse.
+const READER_POOL: usize = 8;
+
+/// The store. Shared behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    path: PathBuf,
+    tmp_dir: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    changes: watch::Sender<u64>,
+    leases: Leases,
+    retention: Duration,
+}
+
+impl Store {
+    /// Opens the store in `data_dir`, creating it if needed. Cheap on any store size: it only
+    /// applies the schema (idempotent) and empties `tmp/`.
+    pub fn open(data_dir: &Path, retention: Duration) -> StoreResult<Store> {
+        std::fs::create_dir_all(data_dir)?;
+        let tmp_dir = data_dir.join("tmp");
+        if tmp_dir.exists() {
+            std::fs::remove_dir_all(&tmp_dir)?;
+        }
+        std::fs::create_dir_all(&tmp_dir)?;
+        let path = data_dir.join("store.db");
+        let writer = schema::open_writer(&path)?;
+        Ok(Store {
+            path,
+            tmp_dir,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            changes: watch::channel(0).0,
+            leases: Leases::default(),
+            retention,
+        })
+    }
+
+    /// Directory for spooled request bodies (emptied at start).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp_dir
+    }
+
+    /// A receiver that sees a new value after every change of any database.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction on the writer connection; commits if `f` succeeds.
+    fn write<T>(&self, f: impl FnOnce(&Transaction) -> StoreResult<T>) -> StoreResult<T> {
+        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` in one read transaction on a pooled read-only connection.
+    fn read<T>(&self, f: impl FnOnce(&Transaction) -> StoreResult<T>) -> StoreResult<T> {
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => schema::open_reader(&self.path)?,
+        };
+        let out = {
+            let tx = conn.transaction()?;
+            let out = f(&tx);
+            tx.finish()?;
+            out
+        };
+        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < READER_POOL {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Positions of every database in `cluster` (zero for databases without data).
+    pub fn positions(&self, cluster: &str) -> StoreResult<Vec<(String, Pos)>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT d.name, t.max_txid, t.post_apply FROM dbs d
+                 LEFT JOIN txns t ON t.db_id = d.id
+                   AND t.max_txid = (SELECT MAX(max_txid) FROM txns WHERE db_id = d.id)
+                 WHERE d.cluster = ?1 ORDER BY d.name",
+            )?;
+            let rows = stmt.query_map([cluster], |r| {
+                let txid: Option<i64> = r.get(1)?;
+                let ck: Option<i64> = r.get(2)?;
+                let pos = match (txid, ck) {
+                    (Some(t), Some(c)) => Pos::new(t as u64, c as u64),
+                    _ => Pos::ZERO,
+                };
+                Ok((r.get::<_, String>(0)?, pos))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Deletes a database, its history and its lease.
+    pub fn delete_db(&self, key: &DbKey) -> StoreResult<()> {
+        self.write(|tx| {
+            let id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+            tx.execute("DELETE FROM pages WHERE db_id = ?1", [id])?;
+            tx.execute("DELETE FROM txns WHERE db_id = ?1", [id])?;
+            tx.execute("DELETE FROM dbs WHERE id = ?1", [id])?;
+            Ok(())
+        })?;
+        self.leases.remove(key);
+        self.notify();
+        Ok(())
+    }
+
+    /// Creates the database row (zero position) if it does not exist yet.
+    pub fn ensure_db(&self, key: &DbKey) -> StoreResult<()> {
+        let created = self.write(|tx| match find_db(tx, key)? {
+            Some(_) => Ok(false),
+            None => Ok(insert_db(tx, key).map(|_| true)?),
+        })?;
+        if created {
+            self.notify();
+        }
+        Ok(())
+    }
+
+    /// A stable cluster id (`LFSC` + 16 uppercase hex digits), created on first use.
+    pub fn cluster_id(&self, cluster: &str) -> StoreResult<String> {
+        let key = format!("cluster_id:{cluster}");
+        self.write(|tx| {
+            let existing: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if let Some(id) = existing {
+                return Ok(id);
+            }
+            let id = format!("LFSC{:016X}", rand::random::<u64>());
+            tx.execute("INSERT INTO meta(key, value) VALUES (?1, ?2)", [&key, &id])?;
+            Ok(id)
+        })
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    crate::ltx::now_ms()
+}
+
+fn find_db(tx: &Connection, key: &DbKey) -> rusqlite::Result<Option<i64>> {
+    tx.prepare_cached("SELECT id FROM dbs WHERE cluster = ?1 AND name = ?2")?
+        .query_row([&key.cluster, &key.name], |r| r.get(0))
+        .optional()
+}
+
+fn insert_db(tx: &Connection, key: &DbKey) -> rusqlite::Result<i64> {
+    tx.execute(
+        "INSERT INTO dbs(cluster, name, created_ms) VALUES (?1, ?2, ?3)",
+        rusqlite::params![key.cluster, key.name, now_ms() as i64],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+const TXN_COLS: &str =
+    "min_txid, max_txid, page_size, commit_size, timestamp_ms, pre_apply, post_apply, created_ms";
+
+fn txn_from_row(r: &rusqlite::Row) -> rusqlite::Result<TxnRow> {
+    Ok(TxnRow {
+        min_txid: r.get::<_, i64>(0)? as u64,
+        max_txid: r.get::<_, i64>(1)? as u64,
+        page_size: r.get(2)?,
+        commit: r.get(3)?,
+        timestamp_ms: r.get::<_, i64>(4)? as u64,
+        pre_apply: r.get::<_, i64>(5)? as u64,
+        post_apply: r.get::<_, i64>(6)? as u64,
+        created_ms: r.get::<_, i64>(7)? as u64,
+    })
+}
+
+/// The newest transaction of a database (its current position), if any.
+fn head(tx: &Connection, db_id: i64) -> rusqlite::Result<Option<TxnRow>> {
+    let sql =
+        format!("SELECT {TXN_COLS} FROM txns WHERE db_id = ?1 ORDER BY max_txid DESC LIMIT 1");
+    tx.prepare_cached(&sql)?
+        .query_row([db_id], txn_from_row)
+        .optional()
+}
+
+/// The transaction ending exactly at `txid`, if it is still retained.
+fn txn_at(tx: &Connection, db_id: i64, txid: u64) -> rusqlite::Result<Option<TxnRow>> {
+    let sql = format!("SELECT {TXN_COLS} FROM txns WHERE db_id = ?1 AND max_txid = ?2");
+    tx.prepare_cached(&sql)?
+        .query_row([db_id, txid as i64], txn_from_row)
+        .optional()
+}
+
+fn insert_txn(tx: &Connection, db_id: i64, t: &TxnRow) -> rusqlite::Result<()> {
+    let sql =
+        format!("INSERT INTO txns(db_id, {TXN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
+    tx.prepare_cached(&sql)?.execute(rusqlite::params![
+        db_id,
+        t.min_txid as i64,
+        t.max_txid as i64,
+        t.page_size,
+        t.commit,
+        t.timestamp_ms as i64,
+        t.pre_apply as i64,
+        t.post_apply as i64,
+        t.created_ms as i64,
+    ])?;
+    Ok(())
+}
+
+/// The newest version of `pgno` at or before `txid`: (checksum, data).
+fn page_version(
+    tx: &Connection,
+    db_id: i64,
+    pgno: u32,
+    txid: u64,
+) -> rusqlite::Result<Option<(u64, Vec<u8>)>> {
+    tx.prepare_cached(
+        "SELECT chksum, data FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
+         ORDER BY txid DESC LIMIT 1",
+    )?
+    .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+    })
+    .optional()
+}
+
+/// The checksum of the newest version of `pgno` at or before `txid`.
+fn page_checksum_at(
+    tx: &Connection,
+    db_id: i64,
+    pgno: u32,
+    txid: u64,
+) -> rusqlite::Result<Option<u64>> {
+    tx.prepare_cached(
+        "SELECT chksum FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
+         ORDER BY txid DESC LIMIT 1",
+    )?
+    .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
+        Ok(r.get::<_, i64>(0)? as u64)
+    })
+    .optional()
+}
+
+fn insert_page(
+    tx: &Connection,
+    db_id: i64,
+    pgno: u32,
+    txid: u64,
+    ck: u64,
+    data: &[u8],
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO pages(db_id, pgno, txid, chksum, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(rusqlite::params![db_id, pgno, txid as i64, ck as i64, data])?;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Reading history: pages as of a position (`/db/page`), change sets since a position
+//! (`/db/sync`, `/sync`), and choosing the transaction a snapshot is built from.
+//!
+//! Invariant: each call runs in one read transaction, so it sees exactly one store state even
+//! while commits and compaction run. Nothing here writes.
+
+use rusqlite::Connection;
+
+use super::{DbKey, Store, StoreError, StoreResult, TxnRow, find_db, head, page_version, txn_at};
+use crate::ltx::lock_page;
+use crate::wire::{Changes, Pos};
+
+/// Most page numbers listed in a change set before it becomes `all: true`.
+const MAX_CHANGED_PGNOS: usize = 65_536;
+
+/// Pages read at a position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PagesAt {
+    pub page_size: u32,
+    pub pages: Vec<(u32, Vec<u8>)>,
+}
+
+/// The transaction a snapshot is built from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPlan {
+    pub db_id: i64,
+    pub txn: TxnRow,
+}
+
+impl Store {
+    /// Pages `pgnos` as of `pos`. Page numbers past that position's commit size are left out,
+    /// except that the first one requested yields `ENOPAGE`. The lock page reads as zeros.
+    pub fn pages_at(&self, key: &DbKey, pos: Pos, pgnos: &[u32]) -> StoreResult<PagesAt> {
+        self.read(|tx| {
+            let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+            let txn = servable(tx, db_id, pos)?;
+            let mut pages = Vec::with_capacity(pgnos.len());
+            for (i, &pgno) in pgnos.iter().enumerate() {
+                match read_page(tx, db_id, &txn, pgno)? {
+                    Some(data) => pages.push((pgno, data)),
+                    None if i == 0 => return Err(StoreError::NoPage(pgno)),
+                    None => {}
+                }
+            }
+            Ok(PagesAt {
+                page_size: txn.page_size,
+                pages,
+            })
+        })
+    }
+
+    /// What changed in `key` after `client`; `None` if the database does not exist.
+    pub fn changes(&self, key: &DbKey, client: Pos) -> StoreResult<Option<Changes>> {
+        self.read(|tx| match find_db(tx, key)? {
+            Some(id) => changes_in(tx, id, client).map(Some),
+            None => Ok(None),
+        })
+    }
+
+    /// Change sets for many databases, read in one transaction.
+    pub fn changes_many(
+        &self,
+        cluster: &str,
+        positions: &[(String, Pos)],
+    ) -> StoreResult<Vec<(String, Changes)>> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            for (name, pos) in positions {
+                let key = DbKey {
+                    cluster: cluster.to_string(),
+                    name: name.clone(),
+                };
+                if let Some(id) = find_db(tx, &key)? {
+                    out.push((name.clone(), changes_in(tx, id, *pos)?));
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The transaction at `pos` if it is still retained and its checksum matches; otherwise
+/// `EPOSMISMATCH` with the current position.
+fn servable(tx: &Connection, db_id: i64, pos: Pos) -> StoreResult<TxnRow> {
+    let current = || -> StoreResult<Pos> { Ok(head(tx, db_id)?.map_or(Pos::ZERO, |h| h.pos())) };
+    if pos.is_zero() {
+        return Err(StoreError::PosMismatch(current()?));
+    }
+    match txn_at(tx, db_id, pos.txid.0)? {
+        Some(t) if t.post_apply == pos.checksum.0 => Ok(t),
+        _ => Err(StoreError::PosMismatch(current()?)),
+    }
+}
+
+fn read_page(tx: &Connection, db_id: i64, txn: &TxnRow, pgno: u32) -> StoreResult<Option<Vec<u8>>> {
+    if pgno == 0 || pgno > txn.commit {
+        return Ok(None);
+    }
+    if pgno == lock_page(txn.page_size) {
+        return Ok(Some(vec![0; txn.page_size as usize]));
+    }
+    match page_version(tx, db_id, pgno, txn.max_txid)? {
+        Some((_, data)) => Ok(Some(data)),
+        None => Err(StoreError::NoPrevPage(pgno)),
+    }
+}
+
+fn no_changes(pos: Pos) -> Changes {
+    Changes {
+        pos,
+        pgnos: None,
+        all: None,
+    }
+}
+
+fn all_changed(pos: Pos) -> Changes {
+    Changes {
+        pos,
+        pgnos: None,
+        all: Some(true),
+    }
+}
+
+/// Spec 2.5: `all` when the client position is zero, unknown, pruned, ahead or mismatched, or
+/// the page size changed; otherwise every page written after it, plus pages truncated away.
+fn changes_in(tx: &Connection, db_id: i64, client: Pos) -> StoreResult<Changes> {
+    let Some(h) = head(tx, db_id)? else {
+        return Ok(if client.is_zero() {
+            no_changes(Pos::ZERO)
+        } else {
+            all_changed(Pos::ZERO)
+        });
+    };
+    let pos = h.pos();
+    if client == pos {
+        return Ok(no_changes(pos));
+    }
+    let base = match txn_at(tx, db_id, client.txid.0)? {
+        Some(t) if !client.is_zero() && t.post_apply == client.checksum.0 => t,
+        _ => return Ok(all_changed(pos)),
+    };
+    if base.page_size != h.page_size {
+        return Ok(all_changed(pos));
+    }
+    let mut pgnos: Vec<u32> = tx
+        .prepare_cached(
+            "SELECT DISTINCT pgno FROM pages WHERE db_id = ?1 AND txid > ?2 ORDER BY pgno",
+        )?
+        .query_map(rusqlite::params![db_id, base.max_txid as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if h.commit < base.commit {
+        if (base.commit - h.commit) as usize > MAX_CHANGED_PGNOS {
+            return Ok(all_changed(pos));
+        }
+        pgnos.extend(h.commit + 1..=base.commit);
+        pgnos.sort_unstable();
+        pgnos.dedup();
+    }
+    if pgnos.len() > MAX_CHANGED_PGNOS {
+        return Ok(all_changed(pos));
+    }
+    Ok(Changes {
+        pos,
+        pgnos: Some(pgnos),
+        all: Some(false),
+    })
+}
+
+/// The transaction a snapshot of `key` at `txid` (default: the current position) is built from.
+pub(super) fn plan_in(
+    tx: &Connection,
+    key: &DbKey,
+    txid: Option<u64>,
+) -> StoreResult<SnapshotPlan> {
+    let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+    let txn = match txid {
+        None => {
+            head(tx, db_id)?.ok_or_else(|| StoreError::NoTxid("database has no data yet".into()))?
+        }
+        Some(t) => txn_at(tx, db_id, t)?.ok_or_else(|| {
+            StoreError::NoTxid(format!("transaction {t:016x} not found or not retained"))
+        })?,
+    };
+    Ok(SnapshotPlan { db_id, txn })
+}

@@ -1,0 +1,89 @@
+//! Retention and compaction: dropping history older than the retention window.
+//!
+//! Rule: a position stays readable while it was current at some moment within the last
+//! `retention`. For each database let K be the newest transaction accepted before
+//! `now - retention` (the position current at the window's start). Compaction deletes every
+//! transaction older than K, and every page version that is not visible at K or later: versions
+//! shadowed by a newer version at or below K, and versions of pages past K's commit size written
+//! at or before K. The newest version of every live page always survives, so the store holds one
+//! full image plus the window's history. Each database is compacted in its own short write
+//! transaction.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{Store, StoreResult, now_ms};
+
+/// What one compaction pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactionStats {
+    pub txns_deleted: u64,
+    pub pages_deleted: u64,
+    /// Page versions left in the store after the pass.
+    pub page_versions: u64,
+}
+
+impl Store {
+    /// Runs one compaction pass over every database.
+    pub fn compact(&self) -> StoreResult<CompactionStats> {
+        let cutoff = now_ms().saturating_sub(self.retention.as_millis() as u64);
+        let ids: Vec<i64> = self.read(|tx| {
+            let mut stmt = tx.prepare("SELECT id FROM dbs ORDER BY id")?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(ids)
+        })?;
+        let mut stats = CompactionStats::default();
+        for id in ids {
+            let (t, p) = self.write(|tx| compact_db(tx, id, cutoff))?;
+            stats.txns_deleted += t;
+            stats.pages_deleted += p;
+        }
+        stats.page_versions = self.read(|tx| {
+            Ok(tx.query_row("SELECT COUNT(*) FROM pages", [], |r| r.get::<_, i64>(0))? as u64)
+        })?;
+        Ok(stats)
+    }
+}
+
+fn compact_db(tx: &Connection, db_id: i64, cutoff_ms: u64) -> StoreResult<(u64, u64)> {
+    let k: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT max_txid, commit_size FROM txns WHERE db_id = ?1 AND created_ms < ?2
+             ORDER BY max_txid DESC LIMIT 1",
+            rusqlite::params![db_id, cutoff_ms as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let prev: i64 = tx.query_row(
+        "SELECT compacted_txid FROM dbs WHERE id = ?1",
+        [db_id],
+        |r| r.get(0),
+    )?;
+    let Some((k_txid, k_commit)) = k.filter(|(k, _)| *k != prev) else {
+        return Ok((0, 0));
+    };
+    let txns = tx.execute(
+        "DELETE FROM txns WHERE db_id = ?1 AND max_txid < ?2",
+        [db_id, k_txid],
+    )?;
+    // After the previous pass no version at or below its K shadows another, so only pages with a
+    // version in (prev K, K] can have shadowed versions now. A restore below prev K is
+    // impossible (those positions are gone), so prev only grows.
+    let shadowed = tx.execute(
+        "DELETE FROM pages WHERE db_id = ?1 AND +txid < ?2
+           AND pgno IN (SELECT pgno FROM pages WHERE db_id = ?1 AND txid > ?3 AND txid <= ?2)
+           AND EXISTS (SELECT 1 FROM pages n WHERE n.db_id = ?1 AND n.pgno = pages.pgno
+                         AND n.txid > pages.txid AND n.txid <= ?2)",
+        [db_id, k_txid, prev.min(k_txid)],
+    )?;
+    let beyond = tx.execute(
+        "DELETE FROM pages WHERE db_id = ?1 AND pgno > ?3 AND +txid <= ?2",
+        [db_id, k_txid, k_commit],
+    )?;
+    tx.execute(
+        "UPDATE dbs SET compacted_txid = ?2 WHERE id = ?1",
+        [db_id, k_txid],
+    )?;
+    Ok((txns as u64, (shadowed + beyond) as u64))
+}
