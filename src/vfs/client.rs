@@ -1,0 +1,282 @@
+//! Blocking HTTP client of the page-store API (spec sections 1, 2, 5.2 and 6).
+//!
+//! Owns the one `reqwest` client of the process (keep-alive pool, a timeout on every request),
+//! the authentication and routing headers, and the translation of HTTP failures into
+//! [`ClientError`]s whose messages name the host, and `LITEFS_CLOUD_TOKEN` on a 401. It keeps
+//! no database state and never retries: callers decide.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::blocking::{Client as Http, RequestBuilder, Response};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+
+use super::config::Config;
+use crate::wire::{
+    self, Changes, ErrorBody, ErrorCode, HEADER_CLUSTER_ID, HEADER_LEASE_ID, Lease,
+    MEDIA_PAGE_FRAMES, Page, PagesResponse, Pos, SyncRequest, SyncResponse,
+};
+
+/// Timeout of every ordinary request (connect, send, receive).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Timeout to establish a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request to the page store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the page store at {host} (LITEFS_CLOUD_HOST): {detail}")]
+    Unreachable { host: String, detail: String },
+    #[error(
+        "the page store at {host} refused the credentials: check LITEFS_CLOUD_TOKEN \
+         (and LITEFS_CLOUD_CLUSTER): {status} {code}: {message}"
+    )]
+    Unauthorized {
+        host: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("the page store at {host} is at position {pos}, not at ours")]
+    PosMismatch { host: String, pos: Pos },
+    #[error("the page store at {host} answered {status} {code}: {message}")]
+    Api {
+        host: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected reply from the page store at {host}: {detail}")]
+    BadResponse { host: String, detail: String },
+}
+
+impl ClientError {
+    /// The wire error code, when the store sent one.
+    pub fn api_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } | ClientError::Unauthorized { code, .. } => {
+                ErrorCode::from_code(code)
+            }
+            ClientError::PosMismatch { .. } => Some(ErrorCode::PosMismatch),
+            ClientError::Unreachable { .. } | ClientError::BadResponse { .. } => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// The page-store client; one per process, shared by every database.
+pub struct Client {
+    http: Http,
+    host: String,
+    token: Option<String>,
+    cluster: Option<String>,
+    cluster_id: String,
+}
+
+impl Client {
+    pub fn new(config: &Config) -> Result<Client> {
+        let http = Http::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("litevfs/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                host: config.host.clone(),
+                detail: e.to_string(),
+            })?;
+        let cluster_id = format!("LFSC{:016X}", rand::random::<u64>());
+        Ok(Client {
+            http,
+            host: config.host.clone(),
+            token: config.token.clone(),
+            cluster: config.cluster.clone(),
+            cluster_id,
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> RequestBuilder {
+        let mut q: Vec<(&str, String)> = query.to_vec();
+        if let Some(c) = &self.cluster {
+            q.push(("cluster", c.clone()));
+        }
+        let mut rb = self
+            .http
+            .request(method, format!("{}{}", self.host, path))
+            .query(&q);
+        if let Some(t) = &self.token {
+            rb = rb.header(AUTHORIZATION, t);
+        }
+        rb.header(HEADER_CLUSTER_ID, &self.cluster_id)
+    }
+
+    fn send(&self, rb: RequestBuilder) -> Result<Response> {
+        let resp = rb.send().map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(self.api_error(resp))
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> ClientError {
+        let mut detail = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            detail = format!("{detail}: {s}");
+            src = s.source();
+        }
+        if e.is_timeout() {
+            detail = format!("timed out: {detail}");
+        }
+        ClientError::Unreachable {
+            host: self.host.clone(),
+            detail,
+        }
+    }
+
+    fn api_error(&self, resp: Response) -> ClientError {
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        let host = self.host.clone();
+        let Ok(body) = serde_json::from_str::<ErrorBody>(&text) else {
+            let message: String = text.chars().take(200).collect();
+            return if status == 401 || status == 403 {
+                ClientError::Unauthorized {
+                    host,
+                    status,
+                    code: String::new(),
+                    message,
+                }
+            } else {
+                ClientError::Api {
+                    host,
+                    status,
+                    code: String::new(),
+                    message,
+                }
+            };
+        };
+        match (status, body.pos) {
+            (401 | 403, _) => ClientError::Unauthorized {
+                host,
+                status,
+                code: body.code,
+                message: body.error,
+            },
+            (_, Some(pos)) if body.code == ErrorCode::PosMismatch.as_str() => {
+                ClientError::PosMismatch { host, pos }
+            }
+            _ => ClientError::Api {
+                host,
+                status,
+                code: body.code,
+                message: body.error,
+            },
+        }
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, resp: Response) -> Result<T> {
+        let bytes = resp.bytes().map_err(|e| self.unreachable(e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+            host: self.host.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `POST /sync`: what changed after each given position. `wait` asks the store to hold the
+    /// request (long-poll) until something changes or the wait ends.
+    pub fn sync(
+        &self,
+        positions: BTreeMap<String, Pos>,
+        wait: Option<Duration>,
+    ) -> Result<BTreeMap<String, Changes>> {
+        let mut query = Vec::new();
+        let mut rb_timeout = REQUEST_TIMEOUT;
+        if let Some(w) = wait {
+            let ms = (w.as_millis() as u64).min(wire::MAX_SYNC_WAIT_MS);
+            query.push(("wait", ms.to_string()));
+            rb_timeout += Duration::from_millis(ms);
+        }
+        let rb = self
+            .request(reqwest::Method::POST, "/sync", &query)
+            .timeout(rb_timeout)
+            .json(&SyncRequest { positions });
+        let resp: SyncResponse = self.json(self.send(rb)?)?;
+        Ok(resp.changes)
+    }
+
+    /// `GET /db/page`: pages at `pos`; the first of `pgnos` is the one needed, the rest are
+    /// prefetch hints the store may omit. Asks for binary frames, accepts JSON.
+    pub fn pages(&self, db: &str, pos: Pos, pgnos: &[u32]) -> Result<Vec<Page>> {
+        let list = pgnos
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let query = [
+            ("db", db.to_string()),
+            ("pos", pos.to_string()),
+            ("pgno", list),
+        ];
+        let rb = self
+            .request(reqwest::Method::GET, "/db/page", &query)
+            .header(
+                ACCEPT,
+                format!("{MEDIA_PAGE_FRAMES}, application/json;q=0.5"),
+            );
+        let resp = self.send(rb)?;
+        let binary = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(MEDIA_PAGE_FRAMES));
+        if binary {
+            let bytes = resp.bytes().map_err(|e| self.unreachable(e))?;
+            return wire::decode_page_frames(&bytes).map_err(|detail| ClientError::BadResponse {
+                host: self.host.clone(),
+                detail,
+            });
+        }
+        Ok(self.json::<PagesResponse>(resp)?.pages)
+    }
+
+    /// `POST /db/tx`: uploads one LTX file under the given lease.
+    pub fn write_tx(&self, db: &str, lease_id: &str, ltx: Vec<u8>) -> Result<()> {
+        let rb = self
+            .request(reqwest::Method::POST, "/db/tx", &[("db", db.to_string())])
+            .header(HEADER_LEASE_ID, lease_id)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(ltx);
+        self.send(rb).map(drop)
+    }
+
+    /// `POST /lease`: acquires (no `id`) or refreshes (`id`) the write lease.
+    pub fn lease(&self, db: &str, id: Option<&str>, duration: Duration) -> Result<Lease> {
+        let mut query = vec![
+            ("db", db.to_string()),
+            ("duration", duration.as_millis().to_string()),
+        ];
+        if let Some(id) = id {
+            query.push(("id", id.to_string()));
+        }
+        let resp = self.send(self.request(reqwest::Method::POST, "/lease", &query))?;
+        self.json(resp)
+    }
+
+    /// `DELETE /lease`: gives the lease back.
+    pub fn release_lease(&self, db: &str, id: &str) -> Result<()> {
+        let query = [("db", db.to_string()), ("id", id.to_string())];
+        self.send(self.request(reqwest::Method::DELETE, "/lease", &query))
+            .map(drop)
+    }
+}

@@ -1,0 +1,174 @@
+//! Turning a write transaction into the one LTX file that commits it.
+//!
+//! Owns the rules of spec sections 2.2 and 8: txid = position + 1, pre-apply = the position's
+//! checksum (a snapshot with MinTXID 1 for a new database), pages equal to their committed
+//! content are left out, pages past the old end are all present when the database grows, and
+//! the post-apply checksum is updated incrementally, including pages removed by truncation.
+//! It is pure: the caller supplies the committed content of the pages it asks for, uploads
+//! the result and applies it only when the store accepted it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::ltx::{self, EMPTY_CHECKSUM, Header, LtxError, checksum_xor, lock_page, page_checksum};
+use crate::wire::Pos;
+
+/// The committed state a transaction starts from.
+#[derive(Copy, Clone, Debug)]
+pub struct Base {
+    pub pos: Pos,
+    /// Database size in pages at `pos`.
+    pub size: u32,
+    pub page_size: u32,
+}
+
+/// A ready-to-upload commit.
+#[derive(Debug)]
+pub struct Built {
+    pub ltx: Vec<u8>,
+    /// The position after the store applies it.
+    pub pos: Pos,
+    /// Database size in pages after it.
+    pub size: u32,
+    /// Pages in the file (changed or new).
+    pub pages: Vec<u32>,
+}
+
+/// The pages whose committed content [`build`] needs: dirty pages inside the old size (to see
+/// whether they changed, and to remove their old checksum) and pages cut off by a shrink.
+pub fn needed_pages(base: &Base, dirty: &BTreeMap<u32, Vec<u8>>, new_size: u32) -> Vec<u32> {
+    if base.pos.is_zero() {
+        return Vec::new();
+    }
+    let lock = lock_page(base.page_size);
+    let keep = base.size.min(new_size);
+    let mut out: Vec<u32> = dirty.keys().copied().filter(|p| *p <= keep).collect();
+    out.extend((new_size + 1..=base.size).filter(|p| *p != lock));
+    out
+}
+
+/// Builds the LTX of a transaction, or `None` when it changes nothing.
+pub fn build(
+    base: &Base,
+    dirty: &BTreeMap<u32, Vec<u8>>,
+    new_size: u32,
+    committed: &HashMap<u32, Vec<u8>>,
+) -> Result<Option<Built>, LtxError> {
+    let fresh = base.pos.is_zero();
+    let old_size = if fresh { 0 } else { base.size };
+    let lock = lock_page(base.page_size);
+    let zero = vec![0u8; base.page_size as usize];
+    let missing = |p: u32| LtxError::Pgno {
+        pgno: p,
+        why: "committed content unavailable",
+    };
+    let mut sum = if fresh {
+        EMPTY_CHECKSUM
+    } else {
+        base.pos.checksum.0
+    };
+    let mut pages: Vec<(u32, &[u8])> = Vec::new();
+    for p in (1..=new_size).filter(|p| *p != lock) {
+        let new = match dirty.get(&p) {
+            Some(d) => d.as_slice(),
+            None if p > old_size => zero.as_slice(),
+            None => continue,
+        };
+        if p <= old_size {
+            let old = committed.get(&p).ok_or_else(|| missing(p))?;
+            if old.as_slice() == new {
+                continue;
+            }
+            sum = checksum_xor(sum, page_checksum(p, old));
+        }
+        sum = checksum_xor(sum, page_checksum(p, new));
+        pages.push((p, new));
+    }
+    for p in (new_size + 1..=old_size).filter(|p| *p != lock) {
+        let old = committed.get(&p).ok_or_else(|| missing(p))?;
+        sum = checksum_xor(sum, page_checksum(p, old));
+    }
+    if pages.is_empty() && new_size == old_size {
+        return Ok(None);
+    }
+    let txid = base.pos.txid.0 + 1;
+    let pre = if fresh { 0 } else { base.pos.checksum.0 };
+    let header = Header::new(base.page_size, new_size, txid, txid, pre);
+    let bytes = ltx::encode(&header, &pages, sum)?;
+    Ok(Some(Built {
+        ltx: bytes,
+        pos: Pos::new(txid, sum),
+        size: new_size,
+        pages: pages.iter().map(|(p, _)| *p).collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_sum(pages: &[(u32, Vec<u8>)]) -> u64 {
+        pages.iter().fold(EMPTY_CHECKSUM, |s, (p, d)| {
+            checksum_xor(s, page_checksum(*p, d))
+        })
+    }
+
+    #[test]
+    fn snapshot_for_new_database_matches_vector_b() {
+        let base = Base {
+            pos: Pos::ZERO,
+            size: 0,
+            page_size: 512,
+        };
+        let dirty = BTreeMap::from([(1, vec![3u8; 512]), (2, vec![2u8; 512])]);
+        let b = build(&base, &dirty, 2, &HashMap::new()).unwrap().unwrap();
+        assert_eq!(b.pos, Pos::new(1, 0x8b87423eeeeeeeee));
+        let f = ltx::decode(&b.ltx).unwrap();
+        assert!(f.header.is_snapshot());
+        assert_eq!(f.pages.len(), 2);
+    }
+
+    #[test]
+    fn incremental_matches_vector_c_and_skips_unchanged() {
+        let base = Base {
+            pos: Pos::new(1, 0x8b87423eeeeeeeee),
+            size: 2,
+            page_size: 512,
+        };
+        let committed = HashMap::from([(1, vec![3u8; 512]), (2, vec![2u8; 512])]);
+        let dirty = BTreeMap::from([(1, vec![3u8; 512]), (2, vec![4u8; 512])]);
+        assert_eq!(needed_pages(&base, &dirty, 2), vec![1, 2]);
+        let b = build(&base, &dirty, 2, &committed).unwrap().unwrap();
+        assert_eq!(b.pos, Pos::new(2, 0xd078845888888888));
+        assert_eq!(b.pages, vec![2]);
+        let f = ltx::decode(&b.ltx).unwrap();
+        assert_eq!(f.header.pre_apply_checksum, 0x8b87423eeeeeeeee);
+        // A rollback that wrote the original pages back commits nothing.
+        let same = BTreeMap::from([(2, vec![2u8; 512])]);
+        assert!(build(&base, &same, 2, &committed).unwrap().is_none());
+    }
+
+    #[test]
+    fn shrink_and_grow_keep_the_checksum_exact() {
+        let old: Vec<(u32, Vec<u8>)> = (1..=4).map(|p| (p, vec![p as u8; 512])).collect();
+        let base = Base {
+            pos: Pos::new(5, db_sum(&old)),
+            size: 4,
+            page_size: 512,
+        };
+        let committed: HashMap<u32, Vec<u8>> = old.iter().cloned().collect();
+        let dirty = BTreeMap::from([(1, vec![9u8; 512])]);
+        assert_eq!(needed_pages(&base, &dirty, 2), vec![1, 3, 4]);
+        let b = build(&base, &dirty, 2, &committed).unwrap().unwrap();
+        assert_eq!(
+            b.pos.checksum.0,
+            db_sum(&[(1, vec![9; 512]), (2, vec![2; 512])])
+        );
+        let dirty = BTreeMap::from([(6, vec![6u8; 512])]);
+        let b = build(&base, &dirty, 6, &committed).unwrap().unwrap();
+        assert_eq!(b.pages, vec![5, 6]);
+        let mut grown = old.clone();
+        grown.push((5, vec![0; 512]));
+        grown.push((6, vec![6; 512]));
+        assert_eq!(b.pos.checksum.0, db_sum(&grown));
+    }
+}

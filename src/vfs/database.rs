@@ -1,0 +1,414 @@
+//! Per-database state of this process: position, size, cache, locks, pending remote changes.
+//!
+//! Owns [`Database`], shared by every connection of the process to one database name. Its
+//! invariant: every page a connection reads belongs to one position, [`State::pos`], which
+//! moves (changes from the store applied, the cache pruned) only while no local connection
+//! holds a lock; changes that arrive meanwhile wait in [`State::pending`]. Reads are in
+//! [`super::pager`], writes and commits in [`super::writer`]. It does not talk SQLite's C API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::cache::{Bounds, Cache};
+use super::client::Client;
+use super::config::Settings;
+use super::error::{Error, Result};
+use super::lease::HeldLease;
+use super::lock::{ConnId, LockLevel, LockTable};
+use super::prefetch::Prefetcher;
+use crate::dbfile::DbHeader;
+use crate::wire::{Changes, Pos};
+
+/// Counters shown by `PRAGMA litevfs_cache_stats`.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub requests: AtomicU64,
+    pub pages_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+/// A change set from the store, valid only on top of the position it was computed from.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub from: Pos,
+    pub changes: Changes,
+}
+
+/// An open write transaction: the pages SQLite wrote, held in memory until the store accepts
+/// them. Never in the cache before that.
+#[derive(Debug)]
+pub struct WriteTxn {
+    pub owner: ConnId,
+    pub dirty: BTreeMap<u32, Vec<u8>>,
+    /// Database size in pages as SQLite sees it inside the transaction.
+    pub size: u32,
+    pub page_size: u32,
+}
+
+/// Mutable state of a database, behind one mutex.
+pub struct State {
+    pub pos: Pos,
+    /// The store knows this database (it may still be empty).
+    pub exists: bool,
+    /// Page size, 0 while the database has no pages.
+    pub page_size: u32,
+    /// Size in pages at `pos`; meaningful when `size_known`.
+    pub size: u32,
+    pub size_known: bool,
+    /// The stored header says WAL: reads present it as a rollback database, writes are refused.
+    pub wal: bool,
+    pub cache: Cache,
+    pub locks: LockTable,
+    pub write: Option<WriteTxn>,
+    pub pending: Option<Pending>,
+    /// A fetch hit `EPOSMISMATCH`: resynchronise before the next transaction.
+    pub stale: bool,
+    pub prefetch: Prefetcher,
+    pub last_sync: Option<Instant>,
+    /// Included in the change poller's request in flight.
+    pub watched: bool,
+}
+
+/// One database as seen by this process.
+pub struct Database {
+    pub name: String,
+    pub client: Arc<Client>,
+    pub state: Mutex<State>,
+    pub settings: Mutex<Settings>,
+    pub stats: Stats,
+    pub lease: Mutex<Option<HeldLease>>,
+    pub last_error: Mutex<Option<String>>,
+    /// Open main-database files of this process.
+    pub handles: AtomicUsize,
+}
+
+impl Database {
+    /// Creates the in-process state around a cache; [`Database::attach`] syncs it.
+    pub fn new(name: &str, client: Arc<Client>, cache: Cache) -> Database {
+        let state = State {
+            pos: cache.pos(),
+            exists: !cache.pos().is_zero(),
+            page_size: cache.page_size(),
+            size: 0,
+            size_known: false,
+            wal: false,
+            cache,
+            locks: LockTable::default(),
+            write: None,
+            pending: None,
+            stale: false,
+            prefetch: Prefetcher::default(),
+            last_sync: None,
+            watched: false,
+        };
+        Database {
+            name: name.to_string(),
+            client,
+            state: Mutex::new(state),
+            settings: Mutex::new(Settings::default()),
+            stats: Stats::default(),
+            lease: Mutex::new(None),
+            last_error: Mutex::new(None),
+            handles: AtomicUsize::new(0),
+        }
+    }
+
+    /// A connection opens the database: bring it up to date with the store and learn its size.
+    /// With the store unreachable, a database known from the cache still opens.
+    pub fn attach(&self, readonly: bool) -> Result<()> {
+        let mut st = self.state.lock();
+        if let Err(e) = self.sync_locked(&mut st, true) {
+            let usable = st.exists && st.cache.contains(1);
+            if !usable
+                || !matches!(
+                    e,
+                    Error::Client(super::client::ClientError::Unreachable { .. })
+                )
+            {
+                return Err(e);
+            }
+            tracing::warn!(db = %self.name, "opening from the local cache only: {e}");
+        }
+        if !st.exists && readonly {
+            return Err(Error::NoSuchDatabase {
+                name: self.name.clone(),
+                host: self.client.host().to_string(),
+            });
+        }
+        self.ensure_size(&mut st)?;
+        self.handles.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// A connection closed its main file.
+    pub fn detach(&self) {
+        if self.handles.fetch_sub(1, Relaxed) == 1 {
+            let mut st = self.state.lock();
+            st.watched = false;
+            if let Err(e) = st.cache.persist() {
+                tracing::warn!(db = %self.name, "{e}");
+            }
+        }
+    }
+
+    pub fn bounds(&self) -> Bounds {
+        let s = self.settings.lock();
+        Bounds {
+            max_pages: s.max_cached_pages,
+            min_free_bytes: s.min_available_space,
+        }
+    }
+
+    /// Asks the store what changed since our position, now, and applies it when no
+    /// connection holds a lock (otherwise it waits for the last lock to go).
+    pub fn sync_locked(&self, st: &mut State, force: bool) -> Result<()> {
+        let positions = BTreeMap::from([(self.name.clone(), st.pos)]);
+        self.stats.requests.fetch_add(1, Relaxed);
+        let mut changes = self.client.sync(positions, None)?;
+        let from = st.pos;
+        st.last_sync = Some(Instant::now());
+        self.offer_locked(st, from, changes.remove(&self.name));
+        if force && st.locks.is_idle() {
+            self.apply_pending(st);
+        }
+        Ok(())
+    }
+
+    /// Takes a change set computed from `from` (`None`: the store does not list the database).
+    pub fn offer(&self, from: Pos, changes: Option<Changes>) {
+        let mut st = self.state.lock();
+        st.last_sync = Some(Instant::now());
+        self.offer_locked(&mut st, from, changes);
+    }
+
+    fn offer_locked(&self, st: &mut State, from: Pos, changes: Option<Changes>) {
+        if from != st.pos {
+            return; // computed from an older position; the next poll asks again
+        }
+        let changes = match changes {
+            Some(c) => c,
+            None if st.pos.is_zero() => {
+                st.exists = false;
+                return;
+            }
+            None => Changes {
+                pos: Pos::ZERO,
+                pgnos: None,
+                all: Some(true),
+            },
+        };
+        st.exists = true;
+        if changes.pos == st.pos && !changes.drops_all() {
+            return;
+        }
+        st.pending = Some(Pending { from, changes });
+        if st.locks.is_idle() {
+            self.apply_pending(st);
+        }
+    }
+
+    /// Applies waiting changes; only called when no connection holds a lock.
+    pub fn apply_pending(&self, st: &mut State) {
+        let Some(p) = st.pending.take() else { return };
+        if p.from != st.pos {
+            return;
+        }
+        let ch = p.changes;
+        if ch.drops_all() || ch.pos.is_zero() {
+            if let Err(e) = st.cache.clear() {
+                tracing::warn!(db = %self.name, "{e}");
+            }
+            st.page_size = 0;
+            st.prefetch = Prefetcher::default();
+        } else {
+            for pgno in ch.pgnos.iter().flatten() {
+                st.cache.remove(*pgno);
+            }
+        }
+        tracing::debug!(db = %self.name, from = %st.pos, to = %ch.pos, "applied remote changes");
+        st.exists = st.exists || !ch.pos.is_zero();
+        st.pos = ch.pos;
+        st.cache.set_pos(ch.pos);
+        st.size_known = false;
+        if ch.pos.is_zero() {
+            st.size = 0;
+            st.size_known = true;
+        }
+    }
+
+    /// Learns page size and database size from page 1 (fetching it if needed).
+    pub fn ensure_size(&self, st: &mut State) -> Result<()> {
+        if st.size_known {
+            return Ok(());
+        }
+        if st.pos.is_zero() {
+            (st.size, st.size_known, st.wal) = (0, true, false);
+            return Ok(());
+        }
+        let page1 = self.page_one(st)?;
+        let h = DbHeader::parse(&page1).map_err(|e| Error::BadPage {
+            db: self.name.clone(),
+            pgno: 1,
+            why: e.to_string(),
+        })?;
+        st.page_size = h.page_size;
+        st.size = h.page_count.max(1);
+        st.wal = h.is_wal();
+        st.size_known = true;
+        Ok(())
+    }
+
+    fn page_one(&self, st: &mut State) -> Result<Vec<u8>> {
+        if st.page_size != 0 {
+            let mut buf = vec![0u8; st.page_size as usize];
+            if st.cache.get(1, &mut buf)? {
+                return Ok(buf);
+            }
+        }
+        let mut pages = self.fetch(st.pos, &[1])?;
+        let page = pages.remove(&1).ok_or_else(|| Error::BadPage {
+            db: self.name.clone(),
+            pgno: 1,
+            why: "the store did not return page 1".into(),
+        })?;
+        if st.page_size != 0 && st.page_size as usize != page.len() {
+            st.cache.clear()?;
+        }
+        st.cache.put(1, &page, self.bounds())?;
+        Ok(page)
+    }
+
+    /// Fetches pages at `pos` in one request and checks what can be checked: the pages asked
+    /// for, one page long, and page 1 a SQLite header of that page size.
+    pub fn fetch(&self, pos: Pos, pgnos: &[u32]) -> Result<HashMap<u32, Vec<u8>>> {
+        self.stats.requests.fetch_add(1, Relaxed);
+        let pages = self.client.pages(&self.name, pos, pgnos)?;
+        let mut out = HashMap::with_capacity(pages.len());
+        for p in pages {
+            self.stats.pages_fetched.fetch_add(1, Relaxed);
+            self.stats
+                .bytes_fetched
+                .fetch_add(p.data.len() as u64, Relaxed);
+            let bad = |why: String| Error::BadPage {
+                db: self.name.clone(),
+                pgno: p.pgno,
+                why,
+            };
+            if !pgnos.contains(&p.pgno) {
+                return Err(bad("not requested".into()));
+            }
+            if !crate::ltx::valid_page_size(p.data.len() as u32) {
+                return Err(bad(format!("{} bytes long", p.data.len())));
+            }
+            if p.pgno == 1 {
+                let h = DbHeader::parse(&p.data).map_err(|e| bad(e.to_string()))?;
+                if h.page_size as usize != p.data.len() {
+                    return Err(bad(format!(
+                        "header says page size {}, got {} bytes",
+                        h.page_size,
+                        p.data.len()
+                    )));
+                }
+            }
+            out.insert(p.pgno, p.data);
+        }
+        Ok(out)
+    }
+
+    /// Starts a read transaction for the first lock holder: sync if due, apply what waits,
+    /// learn the size. A store that cannot be reached does not stop cached reads.
+    pub fn begin_read(&self, st: &mut State) -> Result<()> {
+        let period = self.settings.lock().sync_period;
+        let due =
+            !period.is_zero() && !st.watched && st.last_sync.is_none_or(|t| t.elapsed() >= period);
+        if due || st.stale {
+            match self.sync_locked(st, false) {
+                Ok(()) => st.stale = false,
+                Err(e) => tracing::debug!(db = %self.name, "sync at transaction start: {e}"),
+            }
+        }
+        self.apply_pending(st);
+        self.ensure_size(st)
+    }
+
+    /// Raises a connection's lock.
+    pub fn lock(&self, me: ConnId, from: LockLevel, to: LockLevel) -> Result<LockLevel> {
+        let mut st = self.state.lock();
+        if from == LockLevel::Unlocked && st.locks.is_idle() && to >= LockLevel::Shared {
+            self.begin_read(&mut st)?;
+        }
+        if to >= LockLevel::Reserved && from < LockLevel::Reserved {
+            self.check_writable(&st)?;
+        }
+        let level = st.locks.lock(me, from, to).map_err(|_| Error::Busy)?;
+        if level >= LockLevel::Reserved && st.write.is_none() {
+            let page_size = st.page_size;
+            st.write = Some(WriteTxn {
+                owner: me,
+                dirty: BTreeMap::new(),
+                size: st.size,
+                page_size,
+            });
+        }
+        Ok(level)
+    }
+
+    fn check_writable(&self, st: &State) -> Result<()> {
+        if st.wal {
+            return Err(Error::WalWrite(self.name.clone()));
+        }
+        if !self.lease.lock().as_ref().is_some_and(HeldLease::is_live) {
+            return Err(Error::NoLease(self.name.clone()));
+        }
+        if st.pending.is_some() || st.stale {
+            let pos = st.pending.as_ref().map_or(st.pos, |p| p.changes.pos);
+            return Err(Error::RemoteChanged {
+                db: self.name.clone(),
+                pos,
+            });
+        }
+        Ok(())
+    }
+
+    /// Lowers a connection's lock; leaving RESERVED commits what is still uncommitted (journal
+    /// modes MEMORY and OFF; the others commit when the journal is finalised).
+    pub fn unlock(&self, me: ConnId, from: LockLevel, to: LockLevel) -> Result<()> {
+        let mut st = self.state.lock();
+        let mut result = Ok(());
+        if from >= LockLevel::Reserved && to <= LockLevel::Shared {
+            if st.write.as_ref().is_some_and(|w| w.owner == me) {
+                result = self.commit_locked(&mut st);
+                st.write = None;
+            }
+        }
+        st.locks.unlock(me, to);
+        if st.locks.is_idle() {
+            self.apply_pending(&mut st);
+            if st.pending.is_none() && st.cache.persist().is_err() {
+                tracing::debug!(db = %self.name, "could not write the cache index");
+            }
+        }
+        result
+    }
+
+    /// Whether a connection of this process holds RESERVED or more.
+    pub fn reserved(&self) -> bool {
+        self.state.lock().locks.reserved()
+    }
+
+    /// How long the poller may wait on this database before a transaction start syncs.
+    pub fn sync_period(&self) -> Duration {
+        self.settings.lock().sync_period
+    }
+
+    pub fn set_error(&self, msg: &str) {
+        *self.last_error.lock() = Some(msg.to_string());
+    }
+}

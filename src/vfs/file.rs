@@ -1,0 +1,348 @@
+//! The SQLite-facing side: `sqlite3_vfs` and `sqlite3_io_methods` through sqlite-plugin.
+//!
+//! Owns [`LitevfsVfs`] and the file handles: the main database file (backed by a
+//! [`Database`]), rollback journals (in memory, named, gone after a crash, so a kill -9 never
+//! leaves a hot journal to roll onto the cache), and temporary files (anonymous local files).
+//! It detects commits (journal deleted, truncated or its header zeroed) and routes pragmas.
+//! Every callback runs inside `catch_unwind`, and every error goes through
+//! [`super::report`], which logs it and maps it to an SQLite code; no panic reaches SQLite.
+
+use std::borrow::Cow;
+use std::os::unix::fs::FileExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use sqlite_plugin::flags::{AccessFlags, LockLevel, OpenKind, OpenOpts};
+use sqlite_plugin::vars;
+use sqlite_plugin::vfs::{Pragma as PluginPragma, PragmaErr, Vfs, VfsHandle, VfsResult};
+
+use super::Litevfs;
+use super::database::Database;
+use super::error::{Error, Op, Result};
+use super::lock::ConnId;
+use super::pager::Budget;
+use super::pragma::Pragma;
+use super::report;
+use crate::wire::validate_db_name;
+
+/// Suffix SQLite appends to the main database name for its rollback journal.
+const JOURNAL_SUFFIX: &str = "-journal";
+/// The first bytes of a valid rollback journal header.
+const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
+
+/// The main database file of one connection.
+pub struct MainFile {
+    db: Arc<Database>,
+    conn: ConnId,
+    lock: LockLevel,
+    budget: Budget,
+    readonly: bool,
+}
+
+/// A named in-memory file (rollback and super journals, anything else SQLite names).
+pub struct MemFile {
+    name: String,
+    data: Arc<Mutex<Vec<u8>>>,
+}
+
+/// The handle SQLite holds for each open file.
+pub enum Handle {
+    Main(MainFile),
+    Mem(MemFile),
+    Temp(std::fs::File),
+}
+
+impl VfsHandle for Handle {
+    fn readonly(&self) -> bool {
+        matches!(self, Handle::Main(m) if m.readonly)
+    }
+
+    fn in_memory(&self) -> bool {
+        false
+    }
+}
+
+/// The VFS registered as `litevfs`.
+pub struct LitevfsVfs {
+    pub global: Arc<Litevfs>,
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs a callback body: catches panics, reports errors, returns SQLite codes.
+fn guard<T>(db: Option<&Database>, op: Op, f: impl FnOnce() -> Result<T>) -> VfsResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(report(db, &e, op)),
+        Err(p) => Err(report(db, &Error::Panic(panic_message(p)), op)),
+    }
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::Unsupported(format!("temporary file: {e}"))
+}
+
+impl LitevfsVfs {
+    fn open_main(&self, name: &str, opts: &OpenOpts) -> Result<Handle> {
+        validate_db_name(name).map_err(|e| Error::BadName {
+            name: name.into(),
+            why: e.to_string(),
+        })?;
+        let readonly = opts.mode().is_readonly();
+        let db = self.global.database(name)?;
+        db.attach(readonly)?;
+        let conn = self.global.next_conn();
+        Ok(Handle::Main(MainFile {
+            db,
+            conn,
+            lock: LockLevel::Unlocked,
+            budget: Budget::default(),
+            readonly,
+        }))
+    }
+
+    fn open_mem(&self, name: &str) -> Handle {
+        let data = self
+            .global
+            .journals
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        Handle::Mem(MemFile {
+            name: name.to_string(),
+            data,
+        })
+    }
+
+    /// The database whose journal `name` is, when it is open in this process.
+    fn journal_db(&self, name: &str) -> Option<Arc<Database>> {
+        name.strip_suffix(JOURNAL_SUFFIX)
+            .and_then(|db| self.global.find(db))
+    }
+
+    /// SQLite finalised a journal: that is its commit point.
+    fn finalized(&self, journal: &str) -> Result<()> {
+        let Some(db) = self.journal_db(journal) else {
+            return Ok(());
+        };
+        let r = db.journal_finalized();
+        if r.is_err() {
+            // No hot journal may roll the failed transaction back onto the cache: the
+            // transaction's pages are gone already, the committed state is intact.
+            self.global.journals.lock().remove(journal);
+        }
+        r
+    }
+
+    fn mem_write(&self, f: &MemFile, offset: usize, buf: &[u8]) -> Result<usize> {
+        let finalize = {
+            let mut d = f.data.lock();
+            let zeroing = offset == 0
+                && buf.len() >= 8
+                && buf.iter().all(|b| *b == 0)
+                && d.starts_with(&JOURNAL_MAGIC);
+            if d.len() < offset + buf.len() {
+                d.resize(offset + buf.len(), 0);
+            }
+            d[offset..offset + buf.len()].copy_from_slice(buf);
+            zeroing
+        };
+        if finalize {
+            self.finalized(&f.name)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn mem_truncate(&self, f: &MemFile, size: usize) -> Result<()> {
+        f.data.lock().resize(size, 0);
+        if size == 0 {
+            self.finalized(&f.name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Vfs for LitevfsVfs {
+    type Handle = Handle;
+
+    fn canonical_path<'a>(&self, path: Cow<'a, str>) -> VfsResult<Cow<'a, str>> {
+        guard(None, Op::Open, || {
+            validate_db_name(&path).map_err(|e| Error::BadName {
+                name: path.to_string(),
+                why: e.to_string(),
+            })?;
+            Ok(path)
+        })
+    }
+
+    fn open(&self, path: Option<&str>, opts: OpenOpts) -> VfsResult<Handle> {
+        guard(None, Op::Open, || match (opts.kind(), path) {
+            (OpenKind::MainDb, Some(name)) => self.open_main(name, &opts),
+            (OpenKind::MainDb, None) => tempfile::tempfile().map(Handle::Temp).map_err(io),
+            (OpenKind::MainJournal | OpenKind::SuperJournal | OpenKind::Wal, Some(name)) => {
+                Ok(self.open_mem(name))
+            }
+            _ => tempfile::tempfile().map(Handle::Temp).map_err(io),
+        })
+    }
+
+    fn delete(&self, path: &str) -> VfsResult<()> {
+        guard(None, Op::Commit, || {
+            let existed = self.global.journals.lock().remove(path).is_some();
+            if existed {
+                self.finalized(path)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn access(&self, path: &str, _flags: AccessFlags) -> VfsResult<bool> {
+        Ok(self.global.journals.lock().contains_key(path))
+    }
+
+    fn file_size(&self, h: &mut Handle) -> VfsResult<usize> {
+        match h {
+            Handle::Main(m) => guard(Some(&m.db), Op::Read, || {
+                m.db.file_size(m.conn).map(|n| n as usize)
+            }),
+            Handle::Mem(f) => Ok(f.data.lock().len()),
+            Handle::Temp(f) => guard(None, Op::Read, || {
+                f.metadata().map(|m| m.len() as usize).map_err(io)
+            }),
+        }
+    }
+
+    fn truncate(&self, h: &mut Handle, size: usize) -> VfsResult<()> {
+        match h {
+            Handle::Main(m) => guard(Some(&m.db), Op::Write, || {
+                m.db.truncate(m.conn, size as u64)
+            }),
+            Handle::Mem(f) => guard(None, Op::Commit, || self.mem_truncate(f, size)),
+            Handle::Temp(f) => guard(None, Op::Write, || f.set_len(size as u64).map_err(io)),
+        }
+    }
+
+    fn write(&self, h: &mut Handle, offset: usize, buf: &[u8]) -> VfsResult<usize> {
+        match h {
+            Handle::Main(m) => guard(Some(&m.db), Op::Write, || {
+                m.db.write(m.conn, offset as u64, buf).map(|_| buf.len())
+            }),
+            Handle::Mem(f) => guard(None, Op::Commit, || self.mem_write(f, offset, buf)),
+            Handle::Temp(f) => guard(None, Op::Write, || {
+                f.write_all_at(buf, offset as u64)
+                    .map(|_| buf.len())
+                    .map_err(io)
+            }),
+        }
+    }
+
+    fn read(&self, h: &mut Handle, offset: usize, buf: &mut [u8]) -> VfsResult<usize> {
+        match h {
+            Handle::Main(m) => guard(Some(&m.db), Op::Read, || {
+                m.db.read(m.conn, &mut m.budget, offset as u64, buf)
+            }),
+            Handle::Mem(f) => {
+                let d = f.data.lock();
+                let n = d.len().saturating_sub(offset).min(buf.len());
+                buf[..n].copy_from_slice(&d[offset.min(d.len())..offset.min(d.len()) + n]);
+                Ok(n)
+            }
+            Handle::Temp(f) => guard(None, Op::Read, || {
+                read_at(f, offset as u64, buf).map_err(io)
+            }),
+        }
+    }
+
+    fn lock(&self, h: &mut Handle, level: LockLevel) -> VfsResult<()> {
+        let Handle::Main(m) = h else { return Ok(()) };
+        if m.lock == LockLevel::Unlocked {
+            m.budget = Budget::default();
+        }
+        let r = guard(Some(&m.db), Op::Lock, || m.db.lock(m.conn, m.lock, level));
+        m.lock = r?;
+        Ok(())
+    }
+
+    fn unlock(&self, h: &mut Handle, level: LockLevel) -> VfsResult<()> {
+        let Handle::Main(m) = h else { return Ok(()) };
+        if level >= m.lock {
+            return Ok(());
+        }
+        let from = std::mem::replace(&mut m.lock, level);
+        guard(Some(&m.db), Op::Commit, || m.db.unlock(m.conn, from, level))
+    }
+
+    fn check_reserved_lock(&self, h: &mut Handle) -> VfsResult<bool> {
+        match h {
+            Handle::Main(m) => guard(Some(&m.db), Op::Lock, || Ok(m.db.reserved())),
+            Handle::Mem(_) | Handle::Temp(_) => Ok(false),
+        }
+    }
+
+    fn close(&self, h: Handle) -> VfsResult<()> {
+        let Handle::Main(mut m) = h else {
+            return Ok(());
+        };
+        guard(Some(&m.db.clone()), Op::Commit, || {
+            let from = std::mem::replace(&mut m.lock, LockLevel::Unlocked);
+            let r = if from > LockLevel::Unlocked {
+                m.db.unlock(m.conn, from, LockLevel::Unlocked)
+            } else {
+                Ok(())
+            };
+            m.db.detach();
+            r
+        })
+    }
+
+    fn pragma(
+        &self,
+        h: &mut Handle,
+        pragma: PluginPragma<'_>,
+    ) -> Result<Option<String>, PragmaErr> {
+        let Handle::Main(m) = h else {
+            return Err(PragmaErr::NotFound);
+        };
+        let db = &m.db;
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            match Pragma::parse(pragma.name, pragma.arg)? {
+                Some(p) => p.eval(db).map(Some),
+                None => Ok(None),
+            }
+        }));
+        let r = r.unwrap_or_else(|p| Err(Error::Panic(panic_message(p))));
+        match r {
+            Ok(Some(out)) => Ok(out),
+            Ok(None) => Err(PragmaErr::NotFound),
+            Err(e) => {
+                let code = report(Some(db), &e, Op::Pragma);
+                Err(PragmaErr::Fail(code, Some(format!("litevfs: {e}"))))
+            }
+        }
+    }
+
+    fn device_characteristics(&self, _h: &mut Handle) -> VfsResult<i32> {
+        Ok(vars::SQLITE_IOCAP_POWERSAFE_OVERWRITE
+            | vars::SQLITE_IOCAP_SAFE_APPEND
+            | vars::SQLITE_IOCAP_SEQUENTIAL)
+    }
+}
+
+fn read_at(f: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,166 @@
+//! Write leases: taking, refreshing in the background, and giving back.
+//!
+//! Owns [`HeldLease`] (a lease as a value: id, owner database, local expiry) and the refresher
+//! thread that keeps every held lease alive. Invariant: a lease is used for a commit only
+//! while [`HeldLease::is_live`] says its expiry, measured on this host's monotonic clock from
+//! before the request was sent, is ahead by a safety margin. A refresh the store refuses drops
+//! the lease. It does not decide what a write needs; [`super::database`] checks the lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::client::ClientError;
+use super::database::Database;
+use super::error::{Error, Result};
+use crate::wire::ErrorCode;
+
+/// Lease duration asked of the store.
+pub const LEASE_DURATION: Duration = Duration::from_secs(5);
+/// A lease is refreshed when less than this remains.
+const REFRESH_WHEN_LEFT: Duration = Duration::from_millis(3500);
+/// A lease is not used for a commit when less than this remains.
+const SAFETY_MARGIN: Duration = Duration::from_millis(500);
+
+/// A write lease this process holds on one database.
+#[derive(Clone, Debug)]
+pub struct HeldLease {
+    pub db: String,
+    pub id: String,
+    /// Local estimate of expiry: request start + granted duration.
+    pub expires: Instant,
+    /// The store's expiry, as it said.
+    pub expires_at: time::OffsetDateTime,
+}
+
+impl HeldLease {
+    pub fn is_live(&self) -> bool {
+        Instant::now() + SAFETY_MARGIN < self.expires
+    }
+
+    fn from_wire(db: &str, started: Instant, lease: crate::wire::Lease) -> HeldLease {
+        let left = lease.expires_at - time::OffsetDateTime::now_utc();
+        let left = Duration::try_from(left)
+            .unwrap_or(Duration::ZERO)
+            .min(LEASE_DURATION);
+        HeldLease {
+            db: db.to_string(),
+            id: lease.id,
+            expires: started + left,
+            expires_at: lease.expires_at,
+        }
+    }
+
+    /// `{"held":true,"id":…,"expires_at":…}` as `PRAGMA litevfs_lease` shows it.
+    pub fn describe(lease: Option<&HeldLease>) -> String {
+        match lease.filter(|l| l.is_live()) {
+            None => r#"{"held":false}"#.to_string(),
+            Some(l) => {
+                let at = l
+                    .expires_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                format!(r#"{{"held":true,"id":{:?},"expires_at":"{at}"}}"#, l.id)
+            }
+        }
+    }
+}
+
+impl Database {
+    /// `PRAGMA litevfs_acquire_lease`: takes the lease (or keeps ours), then brings the
+    /// database to the store's latest position.
+    pub fn acquire_lease(&self) -> Result<String> {
+        let held = self.lease.lock().clone().filter(HeldLease::is_live);
+        let started = Instant::now();
+        let lease = self
+            .client
+            .lease(
+                &self.name,
+                held.as_ref().map(|l| l.id.as_str()),
+                LEASE_DURATION,
+            )
+            .map_err(|e| self.lease_error(e))?;
+        let lease = HeldLease::from_wire(&self.name, started, lease);
+        *self.lease.lock() = Some(lease.clone());
+        let mut st = self.state.lock();
+        self.sync_locked(&mut st, true)?;
+        if !st.locks.is_idle() && st.pending.is_some() {
+            tracing::info!(db = %self.name, "lease taken; newer changes wait for this connection's transaction to end");
+        }
+        Ok(HeldLease::describe(Some(&lease)))
+    }
+
+    fn lease_error(&self, e: ClientError) -> Error {
+        match e.api_code() {
+            Some(ErrorCode::LeaseExists) => Error::LeaseBusy {
+                db: self.name.clone(),
+                why: format!("another client holds the write lease ({e})"),
+            },
+            _ => Error::Client(e),
+        }
+    }
+
+    /// `PRAGMA litevfs_release_lease`: gives the lease back. Refused inside a write transaction.
+    pub fn release_lease(&self) -> Result<String> {
+        if self.reserved() {
+            return Err(Error::Unsupported(format!(
+                "database {:?}: cannot release the write lease inside a write transaction",
+                self.name
+            )));
+        }
+        let Some(lease) = self.lease.lock().take() else {
+            return Ok(HeldLease::describe(None));
+        };
+        if let Err(e) = self.client.release_lease(&self.name, &lease.id) {
+            // The lease expires on its own; a release the store did not see only delays others.
+            tracing::warn!(db = %self.name, "releasing the write lease: {e}");
+        }
+        Ok(HeldLease::describe(None))
+    }
+
+    /// Refreshes the lease when it is due; drops it when the store refuses.
+    pub fn refresh_lease(&self) {
+        let Some(held) = self.lease.lock().clone() else {
+            return;
+        };
+        if held.expires.saturating_duration_since(Instant::now()) > REFRESH_WHEN_LEFT {
+            return;
+        }
+        let started = Instant::now();
+        match self
+            .client
+            .lease(&self.name, Some(&held.id), LEASE_DURATION)
+        {
+            Ok(l) => *self.lease.lock() = Some(HeldLease::from_wire(&self.name, started, l)),
+            Err(e @ (ClientError::Unreachable { .. } | ClientError::BadResponse { .. })) => {
+                if !held.is_live() {
+                    self.drop_lease(&held, &e.to_string());
+                }
+            }
+            Err(e) => self.drop_lease(&held, &e.to_string()),
+        }
+    }
+
+    fn drop_lease(&self, held: &HeldLease, why: &str) {
+        let mut lease = self.lease.lock();
+        if lease.as_ref().is_some_and(|l| l.id == held.id) {
+            *lease = None;
+            let msg = format!("database {:?}: lost the write lease: {why}", self.name);
+            tracing::warn!("{msg}");
+            self.set_error(&msg);
+        }
+    }
+}
+
+/// Runs forever: refreshes the leases of every database that holds one.
+pub fn refresher(databases: impl Fn() -> Vec<Arc<Database>>) {
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        for db in databases() {
+            let held = db.lease.lock().is_some();
+            if held {
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.refresh_lease()));
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Reading pages: the write transaction's own pages, then the cache, then the store.
+//!
+//! Owns the read path of [`Database`]: sub-page reads served from whole pages, a miss fetched
+//! in one request with its prefetch candidates at the connection's pinned position, the
+//! per-query request budget, and `EPOSMISMATCH` turned into the documented extended code. It
+//! never moves the position; [`super::database`] does, between transactions.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+use parking_lot::MutexGuard;
+
+use super::client::ClientError;
+use super::database::{Database, State};
+use super::error::{Error, Result};
+use super::lock::ConnId;
+use crate::ltx::{EMPTY_CHECKSUM, checksum_xor, lock_page, page_checksum};
+
+/// Largest number of pages asked for in one request when loading many pages.
+const BATCH: usize = 256;
+
+/// Remote requests one connection made in its current read transaction.
+#[derive(Debug, Default)]
+pub struct Budget {
+    pub used: u32,
+}
+
+impl Database {
+    /// Reads `buf.len()` bytes at `offset` of the main database file (within one page).
+    pub fn read(
+        &self,
+        me: ConnId,
+        budget: &mut Budget,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let mut st = self.state.lock();
+        let (page_size, size) = match &st.write {
+            Some(w) if w.owner == me => (w.page_size, w.size),
+            _ => (st.page_size, st.size),
+        };
+        if page_size == 0 || size == 0 {
+            return Ok(0);
+        }
+        let ps = page_size as u64;
+        let pgno = (offset / ps + 1) as u32;
+        let in_page = (offset % ps) as usize;
+        if pgno > size {
+            return Ok(0);
+        }
+        let page = self.page(&mut st, me, budget, pgno, page_size)?;
+        let n = buf.len().min(page.len() - in_page);
+        buf[..n].copy_from_slice(&page[in_page..in_page + n]);
+        if pgno == 1 && st.wal {
+            // Present a WAL database as a rollback-journal one: the store holds it checkpointed.
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                if matches!(in_page + i, 18 | 19) {
+                    *b = 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn page(
+        &self,
+        st: &mut MutexGuard<State>,
+        me: ConnId,
+        budget: &mut Budget,
+        pgno: u32,
+        page_size: u32,
+    ) -> Result<Vec<u8>> {
+        if let Some(w) = st.write.as_ref().filter(|w| w.owner == me) {
+            if let Some(d) = w.dirty.get(&pgno) {
+                return Ok(d.clone());
+            }
+        }
+        if pgno > st.size || page_size != st.page_size {
+            return Ok(vec![0u8; page_size as usize]);
+        }
+        let mut buf = vec![0u8; page_size as usize];
+        if st.cache.get(pgno, &mut buf)? {
+            self.stats.hits.fetch_add(1, Relaxed);
+            st.prefetch.observe(pgno, &buf);
+            return Ok(buf);
+        }
+        self.stats.misses.fetch_add(1, Relaxed);
+        self.spend(budget)?;
+        let plan = {
+            let max = self.settings.lock().max_prefetch_pages;
+            let (size, lock) = (st.size, lock_page(page_size));
+            let State {
+                prefetch, cache, ..
+            } = &mut **st;
+            prefetch.plan(pgno, max, |p| p <= size && p != lock && !cache.contains(p))
+        };
+        let pos = st.pos;
+        let fetched = MutexGuard::unlocked(st, || self.fetch(pos, &plan));
+        let mut pages = self.fetched(st, fetched)?;
+        let page = pages.remove(&pgno).ok_or_else(|| Error::BadPage {
+            db: self.name.clone(),
+            pgno,
+            why: format!(
+                "the store did not return it (database size {} pages at {pos})",
+                st.size
+            ),
+        })?;
+        if st.pos == pos {
+            let bounds = self.bounds();
+            st.cache.put(pgno, &page, bounds)?;
+            for (p, d) in &pages {
+                st.cache.put(*p, d, bounds)?;
+            }
+        }
+        st.prefetch.observe(pgno, &page);
+        Ok(page)
+    }
+
+    fn spend(&self, budget: &mut Budget) -> Result<()> {
+        let limit = self.settings.lock().max_reqs_per_query;
+        if limit > 0 && budget.used >= limit {
+            return Err(Error::TooManyRequests {
+                db: self.name.clone(),
+                limit,
+            });
+        }
+        budget.used += 1;
+        Ok(())
+    }
+
+    /// Maps a fetch failure: a position the store can no longer serve marks the database stale.
+    fn fetched(
+        &self,
+        st: &mut State,
+        r: Result<HashMap<u32, Vec<u8>>>,
+    ) -> Result<HashMap<u32, Vec<u8>>> {
+        match r {
+            Err(Error::Client(ClientError::PosMismatch { pos, .. })) => {
+                st.stale = true;
+                Err(Error::RemoteChanged {
+                    db: self.name.clone(),
+                    pos,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Committed content of `pgnos` at the current position: from the cache, the rest fetched
+    /// in batches. Fetched pages also enter the cache.
+    pub fn committed_pages(&self, st: &mut State, pgnos: &[u32]) -> Result<HashMap<u32, Vec<u8>>> {
+        let mut out = HashMap::with_capacity(pgnos.len());
+        let mut missing = Vec::new();
+        for &p in pgnos {
+            let mut buf = vec![0u8; st.page_size as usize];
+            if st.cache.get(p, &mut buf)? {
+                out.insert(p, buf);
+            } else {
+                missing.push(p);
+            }
+        }
+        let bounds = self.bounds();
+        for chunk in missing.chunks(BATCH) {
+            let r = self.fetch(st.pos, chunk);
+            let pages = self.fetched(st, r)?;
+            for &p in chunk {
+                let d = pages.get(&p).ok_or_else(|| Error::BadPage {
+                    db: self.name.clone(),
+                    pgno: p,
+                    why: "the store did not return it".into(),
+                })?;
+                st.cache.put(p, d, bounds)?;
+            }
+            out.extend(pages);
+        }
+        Ok(out)
+    }
+
+    /// `PRAGMA litevfs_cache_db`: loads every page into the cache and checks the whole
+    /// database against the position's checksum. Returns the number of pages.
+    pub fn cache_all(&self) -> Result<u32> {
+        let mut st = self.state.lock();
+        if st.locks.is_idle() {
+            self.begin_read(&mut st)?;
+        }
+        self.ensure_size(&mut st)?;
+        let max = self.settings.lock().max_cached_pages;
+        if max > 0 && u64::from(st.size) > max {
+            return Err(Error::Unsupported(format!(
+                "database {:?} has {} pages, more than litevfs_max_cached_pages = {max}; raise it first",
+                self.name, st.size
+            )));
+        }
+        let lock = lock_page(st.page_size);
+        let all: Vec<u32> = (1..=st.size).filter(|p| *p != lock).collect();
+        let pages = self.committed_pages(&mut st, &all)?;
+        let sum = all.iter().fold(EMPTY_CHECKSUM, |s, p| {
+            checksum_xor(s, page_checksum(*p, &pages[p]))
+        });
+        if sum != st.pos.checksum.0 {
+            st.cache.clear()?;
+            st.size_known = false;
+            return Err(Error::BadPage {
+                db: self.name.clone(),
+                pgno: 0,
+                why: format!(
+                    "the pages add up to checksum {sum:016x}, the position says {}",
+                    st.pos.checksum
+                ),
+            });
+        }
+        st.cache.persist()?;
+        Ok(st.size)
+    }
+}

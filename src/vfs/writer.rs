@@ -1,0 +1,157 @@
+//! Writing: SQLite's page writes buffered in memory, committed as one LTX upload.
+//!
+//! Owns the write path of [`Database`]: whole-page writes and truncation inside a write
+//! transaction, the file size SQLite sees, and [`Database::commit_locked`], which uploads the
+//! transaction and only then moves the position and puts the pages into the cache. A failed
+//! upload throws the transaction's pages away, so the cache never holds a page the store did
+//! not accept. Deciding *when* to commit (journal finalised, lock dropped) is the caller's job.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::commit::{self, Base};
+use super::database::{Database, State};
+use super::error::{Error, Result};
+use super::lock::ConnId;
+use crate::ltx::valid_page_size;
+
+impl Database {
+    /// Writes whole pages of the main database file inside the connection's write transaction.
+    pub fn write(&self, me: ConnId, offset: u64, data: &[u8]) -> Result<()> {
+        let mut st = self.state.lock();
+        let name = self.name.clone();
+        let w = st
+            .write
+            .as_mut()
+            .filter(|w| w.owner == me)
+            .ok_or_else(|| Error::NoLease(name))?;
+        if w.page_size == 0 && offset == 0 && valid_page_size(data.len() as u32) {
+            w.page_size = data.len() as u32;
+        }
+        let ps = w.page_size as u64;
+        if ps == 0 || offset % ps != 0 || data.len() as u64 != ps {
+            return Err(Error::Unsupported(format!(
+                "database {:?}: a write of {} bytes at offset {offset} is not one whole page of {ps} bytes \
+                 (changing the page size of an existing database is not supported)",
+                self.name,
+                data.len()
+            )));
+        }
+        let pgno = (offset / ps + 1) as u32;
+        w.dirty.insert(pgno, data.to_vec());
+        w.size = w.size.max(pgno);
+        Ok(())
+    }
+
+    /// Truncates the main database file inside the write transaction (VACUUM, auto-vacuum).
+    pub fn truncate(&self, me: ConnId, bytes: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        let name = self.name.clone();
+        let w = st
+            .write
+            .as_mut()
+            .filter(|w| w.owner == me)
+            .ok_or_else(|| Error::NoLease(name))?;
+        if w.page_size == 0 {
+            return Ok(());
+        }
+        w.size = (bytes / w.page_size as u64) as u32;
+        let size = w.size;
+        w.dirty.retain(|p, _| *p <= size);
+        Ok(())
+    }
+
+    /// Size in bytes of the main database file as connection `me` sees it.
+    pub fn file_size(&self, me: ConnId) -> Result<u64> {
+        let mut st = self.state.lock();
+        if let Some(w) = st.write.as_ref().filter(|w| w.owner == me) {
+            return Ok(w.size as u64 * w.page_size as u64);
+        }
+        self.ensure_size(&mut st)?;
+        Ok(st.size as u64 * st.page_size as u64)
+    }
+
+    /// The journal of this database was finalised (deleted, truncated, or its header zeroed):
+    /// SQLite's commit point. Upload now.
+    pub fn journal_finalized(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        self.commit_locked(&mut st)
+    }
+
+    /// Uploads the open write transaction if it changes anything. On success the position
+    /// moves and the pages enter the cache; on failure the transaction's pages are dropped.
+    pub fn commit_locked(&self, st: &mut State) -> Result<()> {
+        let Some(w) = st.write.as_mut() else {
+            return Ok(());
+        };
+        if w.dirty.is_empty() && w.size == st.size {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut w.dirty);
+        let (new_size, page_size) = (w.size, w.page_size);
+        let result = self.upload(st, &dirty, new_size, page_size);
+        if let Some(w) = st.write.as_mut() {
+            w.size = st.size;
+            w.page_size = st.page_size;
+        }
+        if result.is_ok() {
+            self.stats.commits.fetch_add(1, Relaxed);
+        }
+        result
+    }
+
+    fn upload(
+        &self,
+        st: &mut State,
+        dirty: &std::collections::BTreeMap<u32, Vec<u8>>,
+        new_size: u32,
+        page_size: u32,
+    ) -> Result<()> {
+        if st.page_size != 0 && st.page_size != page_size {
+            return Err(Error::Unsupported(format!(
+                "database {:?}: changing the page size from {} to {page_size} is not supported",
+                self.name, st.page_size
+            )));
+        }
+        let base = Base {
+            pos: st.pos,
+            size: if st.pos.is_zero() { 0 } else { st.size },
+            page_size,
+        };
+        let needed = commit::needed_pages(&base, dirty, new_size);
+        let committed = self.committed_pages(st, &needed)?;
+        let Some(built) = commit::build(&base, dirty, new_size, &committed)? else {
+            return Ok(());
+        };
+        let lease_id = self
+            .lease
+            .lock()
+            .as_ref()
+            .filter(|l| l.is_live())
+            .map(|l| l.id.clone());
+        let lease_id = lease_id.ok_or_else(|| Error::NoLease(self.name.clone()))?;
+        self.stats.requests.fetch_add(1, Relaxed);
+        if let Err(e) = self.client.write_tx(&self.name, &lease_id, built.ltx) {
+            if matches!(e, super::client::ClientError::PosMismatch { .. }) {
+                st.stale = true;
+            }
+            return Err(e.into());
+        }
+        tracing::debug!(db = %self.name, pos = %built.pos, pages = built.pages.len(), "committed");
+        let bounds = self.bounds();
+        if st.page_size == 0 {
+            st.cache.clear()?;
+        }
+        st.cache.truncate(built.size);
+        st.cache.set_pos(built.pos);
+        let zero = vec![0u8; page_size as usize];
+        for p in &built.pages {
+            if let Err(e) = st.cache.put(*p, dirty.get(p).unwrap_or(&zero), bounds) {
+                tracing::warn!(db = %self.name, "{e}");
+                st.cache.remove(*p);
+            }
+        }
+        (st.pos, st.size, st.page_size, st.exists, st.size_known) =
+            (built.pos, built.size, page_size, true, true);
+        Ok(())
+    }
+}
