@@ -177,3 +177,10 @@ fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
         }
     });
 }
+
+impl Server {
+    /// The server's process id (the benchmark harness reads its peak RSS from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}

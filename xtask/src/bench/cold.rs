@@ -1,0 +1,214 @@
+//! Workload 2, cold reads: the first point lookup and the first small range query on the big
+//! database, each in a fresh process with an empty litevfs cache, against one page store (with or
+//! without its per-request delay); and a full download of the same database at the same delay,
+//! for comparison.
+//!
+//! Requests, pages and bytes are counted by the server (`GET /metrics` before and after, not
+//! counting `/metrics` itself) and, when the extension reports them, by `litevfs_cache_stats`.
+//! Plain SQLite's "cold" read is a fresh process on a local file (the OS page cache stays warm;
+//! dropping it would disturb the rest of the machine).
+
+use super::ctx::{Ctx, DbFile, metrics};
+use super::driver::Reply;
+use super::report::Report;
+use super::stats::Summary;
+use crate::proc::Error;
+
+pub const NAME: &str = "2 cold reads";
+
+pub fn lookup_metric(delay: u64) -> String {
+    format!("first point lookup (open+query), delay {delay} ms")
+}
+pub fn requests_metric(delay: u64) -> String {
+    format!("  point lookup: requests (server), delay {delay} ms")
+}
+pub fn download_metric(delay: u64) -> String {
+    format!("full download (GET /db/snapshot), delay {delay} ms")
+}
+
+/// What one cold query cost on the litevfs side.
+#[derive(Default)]
+struct Cost {
+    ms: Vec<f64>,
+    requests: Vec<f64>,
+    pages: Vec<f64>,
+    kib: Vec<f64>,
+    vfs_requests: Vec<f64>,
+    hwm_kb: Vec<f64>,
+}
+
+pub fn run(
+    ctx: &Ctx,
+    db: &DbFile,
+    url: Option<&str>,
+    delay: u64,
+    rep: &mut Report,
+) -> Result<(), Error> {
+    let rows = ctx.p.big_rows;
+    let (mut pl, mut pr, mut p_hwm) = (vec![], vec![], vec![]);
+    let (mut look, mut range) = (Cost::default(), Cost::default());
+    let mut lv_err = url.is_none().then(|| {
+        Error(format!(
+            "not run: {}",
+            ctx.lv_missing.as_deref().unwrap_or("?")
+        ))
+    });
+    for i in 0..ctx.p.cold_reps as u64 {
+        let id = 1 + (i * 2_654_435_761 + 12_345) % rows;
+        let lo = 1 + (i * 40_503 + 777_777) % (rows - 200);
+        let queries = [
+            (format!("lookup {id}"), &mut pl, &mut look),
+            (format!("range {lo} 100"), &mut pr, &mut range),
+        ];
+        for (q, plain_ms, cost) in queries {
+            let (ms, hwm) = plain_once(ctx, db, &q)?;
+            plain_ms.push(ms);
+            p_hwm.push(hwm);
+            if let (Some(u), None) = (url, &lv_err) {
+                let cache = ctx.dir(&format!("cache-cold-{delay}-{i}"));
+                match litevfs_once(ctx, u, &cache, &q, cost) {
+                    Ok(()) => {}
+                    Err(e) => lv_err = Some(Error(format!("{q}: {e}"))),
+                }
+                let _ = std::fs::remove_dir_all(&cache);
+            }
+        }
+    }
+    let one = Summary::of;
+    rep.row(
+        NAME,
+        &lookup_metric(delay),
+        "ms",
+        one(pl),
+        one(look.ms.clone()),
+    );
+    cost_rows(rep, "point lookup", delay, &look, true);
+    rep.row(
+        NAME,
+        &format!("first range query (100 rows), delay {delay} ms"),
+        "ms",
+        one(pr),
+        one(range.ms.clone()),
+    );
+    cost_rows(rep, "range query", delay, &range, false);
+    if let (Some(u), None) = (url, &lv_err)
+        && let Err(e) = downloads(ctx, db, u, delay, rep)
+    {
+        lv_err = Some(e);
+    }
+    let hwm: Vec<f64> = look.hwm_kb.iter().chain(&range.hwm_kb).copied().collect();
+    let mib = |v: Vec<f64>| {
+        v.into_iter()
+            .reduce(f64::max)
+            .map(|k| Summary::one(k / 1024.0))
+    };
+    rep.row(
+        super::MEMORY,
+        &format!("host peak RSS, workload 2 (delay {delay} ms)"),
+        "MiB",
+        mib(p_hwm),
+        mib(hwm),
+    );
+    if let Some(e) = lv_err {
+        rep.fail(
+            &format!("{NAME} (delay {delay} ms)"),
+            format!("litevfs side: {e}"),
+        );
+    }
+    Ok(())
+}
+
+fn cost_rows(rep: &mut Report, what: &str, delay: u64, c: &Cost, primary: bool) {
+    let one = |v: &Vec<f64>| Summary::of(v.clone());
+    let req = if primary {
+        requests_metric(delay)
+    } else {
+        format!("  {what}: requests (server), delay {delay} ms")
+    };
+    rep.row(NAME, &req, "count", None, one(&c.requests));
+    rep.row(
+        NAME,
+        &format!("  {what}: pages fetched (server), delay {delay} ms"),
+        "count",
+        None,
+        one(&c.pages),
+    );
+    rep.row(
+        NAME,
+        &format!("  {what}: KiB fetched (server), delay {delay} ms"),
+        "KiB",
+        None,
+        one(&c.kib),
+    );
+    if !c.vfs_requests.is_empty() {
+        rep.row(
+            NAME,
+            &format!("  {what}: requests (litevfs_cache_stats), delay {delay} ms"),
+            "count",
+            None,
+            one(&c.vfs_requests),
+        );
+    }
+}
+
+/// A fresh plain-SQLite process runs `q` once: (open + query ms, peak RSS kB).
+fn plain_once(ctx: &Ctx, db: &DbFile, q: &str) -> Result<(f64, f64), Error> {
+    let (mut s, open) = ctx.drv.plain(&db.path)?;
+    let ms = open.num("open_ms")? + s.cmd(q)?.num("ms")?;
+    Ok((ms, s.cmd("rss")?.num("hwm_kb")?))
+}
+
+/// A fresh litevfs process with an empty cache runs `q` once; adds what it cost to `c`.
+fn litevfs_once(
+    ctx: &Ctx,
+    url: &str,
+    cache: &std::path::Path,
+    q: &str,
+    c: &mut Cost,
+) -> Result<(), Error> {
+    let _ = std::fs::remove_dir_all(cache);
+    let m0 = metrics(url)?;
+    let (mut s, open) = ctx.drv.litevfs("big", url, cache)?;
+    let r = s.cmd(q)?;
+    let m1 = metrics(url)?;
+    let stats: Option<Reply> = s.cmd("pragma litevfs_cache_stats").ok();
+    c.ms.push(open.num("open_ms")? + r.num("ms")?);
+    c.requests.push(m1.requests - m0.requests);
+    c.pages.push(m1.pages - m0.pages);
+    c.kib.push((m1.bytes - m0.bytes) / 1024.0);
+    if let Some(v) = stats.and_then(|st| st.find_num(&["request", "req"])) {
+        c.vfs_requests.push(v);
+    }
+    c.hwm_kb.push(s.cmd("rss")?.num("hwm_kb")?);
+    Ok(())
+}
+
+/// Full downloads of the database at this delay: time and throughput.
+fn downloads(ctx: &Ctx, db: &DbFile, url: &str, delay: u64, rep: &mut Report) -> Result<(), Error> {
+    let out = ctx.dir("download.db");
+    let (mut ms, mut mbs) = (vec![], vec![]);
+    for _ in 0..ctx.p.cold_reps.min(3) {
+        let r = ctx
+            .drv
+            .once(&["download", url, "big", &out.to_string_lossy()])?;
+        let (t, bytes) = (r.num("ms")?, r.num("bytes")?);
+        if bytes as u64 != db.bytes {
+            return Err(Error(format!(
+                "full download returned {bytes} bytes, the database has {}",
+                db.bytes
+            )));
+        }
+        ms.push(t);
+        mbs.push(bytes / 1e6 / (t / 1e3));
+        let _ = std::fs::remove_file(&out);
+    }
+    rep.row(NAME, &download_metric(delay), "ms", None, Summary::of(ms));
+    rep.row(
+        NAME,
+        &format!("  full download throughput, delay {delay} ms"),
+        "MB/s",
+        None,
+        Summary::of(mbs),
+    );
+    Ok(())
+}

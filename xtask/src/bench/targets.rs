@@ -1,0 +1,144 @@
+//! The targets of issue 5, judged from a finished run's rows: met, not met, or not measured
+//! (when a workload's litevfs side failed). Unmet targets are reported, not failures: the run
+//! fails only when a workload could not be measured.
+
+use super::report::{Report, fmt_num};
+use super::{cold, live, warm};
+
+/// What the judgement needs besides the rows.
+pub struct Facts {
+    pub big_depth: u64,
+    pub warm_bytes: u64,
+    pub big_bytes: u64,
+    pub delay_ms: u64,
+}
+
+pub const SERVER_RSS_SMALL: &str = "server peak RSS, workload 1";
+pub const SERVER_RSS_BIG: &str = "server peak RSS, workload 2";
+
+fn lv_median(rep: &Report, workload: &str, metric: &str) -> Option<f64> {
+    rep.find(workload, metric)?
+        .litevfs
+        .as_ref()
+        .map(|s| s.median())
+}
+
+fn lv_max(rep: &Report, workload: &str, metric: &str) -> Option<f64> {
+    rep.find(workload, metric)?
+        .litevfs
+        .as_ref()
+        .map(|s| s.max())
+}
+
+pub fn evaluate(rep: &mut Report, f: &Facts) {
+    let ratios: Vec<Option<f64>> = [warm::LOOKUPS, warm::SCAN]
+        .iter()
+        .map(|m| rep.find(warm::NAME, m).and_then(|r| r.ratio()))
+        .collect();
+    let t = match (ratios[0], ratios[1]) {
+        (Some(a), Some(b)) => (
+            Some(a <= 1.2 && b <= 1.2),
+            format!("point lookups {a:.2}x, full scan {b:.2}x (target <= 1.20x)"),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target("warm reads within 1.2x of plain SQLite", t.0, t.1);
+
+    let limit = f.big_depth + 1;
+    let reqs = [0, f.delay_ms].map(|d| lv_max(rep, cold::NAME, &cold::requests_metric(d)));
+    let t = match reqs {
+        [Some(a), Some(b)] => {
+            let worst = a.max(b);
+            (
+                Some(worst <= limit as f64),
+                format!(
+                    "at most {worst:.0} requests per cold point lookup (b-tree depth {} + 1 = {limit})",
+                    f.big_depth
+                ),
+            )
+        }
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target(
+        "cold point lookup: at most (b-tree depth + 1) requests",
+        t.0,
+        t.1,
+    );
+
+    let d = f.delay_ms;
+    let look = lv_median(rep, cold::NAME, &cold::lookup_metric(d));
+    let full = lv_median(rep, cold::NAME, &cold::download_metric(d));
+    let t = match (look, full) {
+        (Some(l), Some(x)) => (
+            Some(l < 0.1 * x),
+            format!(
+                "at {d} ms delay: first point lookup {} ms = {:.1}% of a full download ({} ms); target < 10%",
+                fmt_num(l),
+                100.0 * l / x,
+                fmt_num(x)
+            ),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target(
+        "cold point lookup under 10% of a full download at 20 ms delay",
+        t.0,
+        t.1,
+    );
+
+    let p50 = lv_median(rep, live::VIS, &format!("{} p50", live::LATENCY));
+    let p99 = lv_median(rep, live::VIS, &format!("{} p99", live::LATENCY));
+    let max = lv_median(rep, live::VIS, &format!("{} max", live::LATENCY));
+    let t = match (p50, p99) {
+        (Some(a), Some(b)) => (
+            Some(a < 50.0 && b < 250.0),
+            format!(
+                "p50 {} ms (< 50), p99 {} ms (< 250), max {} ms",
+                fmt_num(a),
+                fmt_num(b),
+                max.map(fmt_num).unwrap_or_default()
+            ),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target("change visibility p50 < 50 ms, p99 < 250 ms", t.0, t.1);
+
+    let t = match rep.find(live::COMMITS, live::TPS).map(|r| {
+        (
+            r.plain.as_ref().map(|s| s.median()),
+            r.litevfs.as_ref().map(|s| s.median()),
+        )
+    }) {
+        Some((Some(p), Some(l))) => (
+            Some(l >= p),
+            format!(
+                "litevfs {} tx/s vs plain SQLite {} tx/s ({:.2}x)",
+                fmt_num(l),
+                fmt_num(p),
+                l / p
+            ),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target("commits at least plain SQLite's rate", t.0, t.1);
+
+    let small = lv_median(rep, super::MEMORY, SERVER_RSS_SMALL);
+    let big = lv_median(rep, super::MEMORY, SERVER_RSS_BIG);
+    let grown_mb = (f.big_bytes as f64 - f.warm_bytes as f64) / 1e6;
+    let t = match (small, big) {
+        (Some(s), Some(b)) => (
+            Some((b - s) * 1.048_576 < 0.1 * grown_mb),
+            format!(
+                "peak {} MiB serving the {:.0} MB db, {} MiB serving the {:.0} MB db (each read in full); \
+                 allowed growth < 10% of the size difference ({:.0} MB)",
+                fmt_num(s),
+                f.warm_bytes as f64 / 1e6,
+                fmt_num(b),
+                f.big_bytes as f64 / 1e6,
+                0.1 * grown_mb
+            ),
+        ),
+        _ => (None, "server RSS not measured".into()),
+    };
+    rep.target("server RSS does not grow with database size", t.0, t.1);
+}
