@@ -147,9 +147,14 @@ impl Database {
         Ok(())
     }
 
-    /// A connection closed its main file.
+    /// A connection closed its main file. The last one gives back the write lease.
     pub fn detach(&self) {
         if self.handles.fetch_sub(1, Relaxed) == 1 {
+            if self.lease.lock().is_some()
+                && let Err(e) = self.release_lease()
+            {
+                tracing::warn!(db = %self.name, "{e}");
+            }
             let mut st = self.state.lock();
             st.watched = false;
             if let Err(e) = st.cache.persist() {
@@ -272,6 +277,7 @@ impl Database {
                 return Ok(buf);
             }
         }
+        self.stats.misses.fetch_add(1, Relaxed);
         let mut pages = self.fetch(st.pos, &[1])?;
         let page = pages.remove(&1).ok_or_else(|| Error::BadPage {
             db: self.name.clone(),

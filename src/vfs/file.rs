@@ -194,7 +194,8 @@ impl Vfs for LitevfsVfs {
     }
 
     fn delete(&self, path: &str) -> VfsResult<()> {
-        guard(None, Op::Commit, || {
+        let db = self.journal_db(path);
+        guard(db.as_deref(), Op::Commit, || {
             let existed = self.global.journals.lock().remove(path).is_some();
             if existed {
                 self.finalized(path)
@@ -225,7 +226,10 @@ impl Vfs for LitevfsVfs {
             Handle::Main(m) => guard(Some(&m.db), Op::Write, || {
                 m.db.truncate(m.conn, size as u64)
             }),
-            Handle::Mem(f) => guard(None, Op::Commit, || self.mem_truncate(f, size)),
+            Handle::Mem(f) => {
+                let db = self.journal_db(&f.name);
+                guard(db.as_deref(), Op::Commit, || self.mem_truncate(f, size))
+            }
             Handle::Temp(f) => guard(None, Op::Write, || f.set_len(size as u64).map_err(io)),
         }
     }
@@ -235,7 +239,10 @@ impl Vfs for LitevfsVfs {
             Handle::Main(m) => guard(Some(&m.db), Op::Write, || {
                 m.db.write(m.conn, offset as u64, buf).map(|_| buf.len())
             }),
-            Handle::Mem(f) => guard(None, Op::Commit, || self.mem_write(f, offset, buf)),
+            Handle::Mem(f) => {
+                let db = self.journal_db(&f.name);
+                guard(db.as_deref(), Op::Commit, || self.mem_write(f, offset, buf))
+            }
             Handle::Temp(f) => guard(None, Op::Write, || {
                 f.write_all_at(buf, offset as u64)
                     .map(|_| buf.len())

@@ -71,14 +71,21 @@ impl Database {
     pub fn acquire_lease(&self) -> Result<String> {
         let held = self.lease.lock().clone().filter(HeldLease::is_live);
         let started = Instant::now();
-        let lease = self
-            .client
-            .lease(
-                &self.name,
-                held.as_ref().map(|l| l.id.as_str()),
-                LEASE_DURATION,
-            )
-            .map_err(|e| self.lease_error(e))?;
+        let refreshed = held.map(|h| self.client.lease(&self.name, Some(&h.id), LEASE_DURATION));
+        let lease = match refreshed {
+            Some(Ok(l)) => Ok(l),
+            // Ours is gone (expired, or the store restarted): take a new one.
+            Some(Err(e))
+                if !matches!(
+                    e.api_code(),
+                    Some(ErrorCode::NoLease | ErrorCode::LeaseMismatch)
+                ) =>
+            {
+                Err(e)
+            }
+            _ => self.client.lease(&self.name, None, LEASE_DURATION),
+        }
+        .map_err(|e| self.lease_error(e))?;
         let lease = HeldLease::from_wire(&self.name, started, lease);
         *self.lease.lock() = Some(lease.clone());
         let mut st = self.state.lock();

@@ -93,10 +93,10 @@ impl Database {
             w.size = st.size;
             w.page_size = st.page_size;
         }
-        if result.is_ok() {
+        if result.as_ref().is_ok_and(|uploaded| *uploaded) {
             self.stats.commits.fetch_add(1, Relaxed);
         }
-        result
+        result.map(drop)
     }
 
     fn upload(
@@ -105,7 +105,7 @@ impl Database {
         dirty: &std::collections::BTreeMap<u32, Vec<u8>>,
         new_size: u32,
         page_size: u32,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if st.page_size != 0 && st.page_size != page_size {
             return Err(Error::Unsupported(format!(
                 "database {:?}: changing the page size from {} to {page_size} is not supported",
@@ -120,7 +120,7 @@ impl Database {
         let needed = commit::needed_pages(&base, dirty, new_size);
         let committed = self.committed_pages(st, &needed)?;
         let Some(built) = commit::build(&base, dirty, new_size, &committed)? else {
-            return Ok(());
+            return Ok(false);
         };
         let lease_id = self
             .lease
@@ -152,6 +152,6 @@ impl Database {
         }
         (st.pos, st.size, st.page_size, st.exists, st.size_known) =
             (built.pos, built.size, page_size, true, true);
-        Ok(())
+        Ok(true)
     }
 }

@@ -1,0 +1,221 @@
+"""Fixtures for the litevfs end-to-end tests.
+
+Every test gets its own `litevfs serve` on a free loopback port with a temporary data
+directory (killed at teardown), and runs clients as separate processes with separate
+LITEVFS_CACHE_DIRs: the Debian `sqlite3` shell with `.load`, and apsw through `agent.py`.
+
+LITEVFS_BIN and LITEVFS_EXT name the built artifacts (default: target/release in this repo).
+"""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("LITEVFS_BIN", str(REPO / "target/release/litevfs"))
+EXT = os.environ.get("LITEVFS_EXT", str(REPO / "target/release/liblitevfs.so"))
+AGENT = Path(__file__).with_name("agent.py")
+# Guards against hangs only; tests never assert on timing.
+HANG_GUARD = 120
+
+
+class Server:
+    """A `litevfs serve` process; `stop()` and `start()` keep the data directory."""
+
+    def __init__(self, data_dir, args=()):
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.proc = None
+        self.url = None
+        self.port = 0
+
+    def start(self):
+        cmd = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir), *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        timer = threading.Timer(HANG_GUARD, self.proc.kill)
+        timer.start()
+        try:
+            for line in self.proc.stdout:
+                m = re.search(r"listening on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    break
+        finally:
+            timer.cancel()
+        assert self.url, "litevfs serve did not report its address"
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def upload(self, name, path):
+        req = urllib.request.Request(f"{self.url}/db/upload?db={name}", data=Path(path).read_bytes(), method="POST")
+        with urllib.request.urlopen(req, timeout=HANG_GUARD) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "store").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Starts a server with extra arguments (e.g. tokens)."""
+    started = []
+
+    def make(*args):
+        s = Server(tmp_path / f"store{len(started)}", args).start()
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+class Env:
+    """Client environment: the server's URL and a fresh cache directory per process."""
+
+    def __init__(self, server, tmp_path):
+        self.server = server
+        self.tmp_path = tmp_path
+        self.n = 0
+
+    def __call__(self, cache_dir=None, **extra):
+        self.n += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "LITEVFS_"))}
+        env["LITEFS_CLOUD_HOST"] = self.server.url
+        env["LITEVFS_CACHE_DIR"] = str(cache_dir or self.tmp_path / f"cache{self.n}")
+        env["LITEVFS_EXT"] = EXT
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+
+@pytest.fixture
+def env(server, tmp_path):
+    return Env(server, tmp_path)
+
+
+def shell(sql, env, load=None):
+    """Runs the sqlite3 shell with the extension loaded and `sql` on stdin."""
+    load = load or f".load {EXT}"
+    return subprocess.run(
+        ["sqlite3"], input=f"{load}\n{sql}\n", env=env, capture_output=True, text=True, timeout=HANG_GUARD
+    )
+
+
+class Agent:
+    """An apsw process (agent.py) driven line by line."""
+
+    def __init__(self, env):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(AGENT)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.stderr = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        assert self._read()["ready"]
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def _read(self):
+        timer = threading.Timer(HANG_GUARD, self.proc.kill)
+        timer.start()
+        try:
+            line = self.proc.stdout.readline()
+        finally:
+            timer.cancel()
+        assert line, f"agent died: {''.join(self.stderr)}"
+        return json.loads(line)
+
+    def run(self, db, sql, ro=False, args=()):
+        """Runs SQL; returns the reply dict (ok, rows | error, code)."""
+        self.proc.stdin.write(json.dumps({"db": db, "sql": sql, "ro": ro, "args": list(args)}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def sql(self, db, sql, ro=False, args=()):
+        r = self.run(db, sql, ro, args)
+        assert r["ok"], r["error"]
+        return r["rows"]
+
+    def one(self, db, sql, ro=False):
+        return self.sql(db, sql, ro)[0][0]
+
+    def stats(self, db):
+        return json.loads(self.one(db, "pragma litevfs_cache_stats"))
+
+    def close_db(self, db):
+        self.proc.stdin.write(json.dumps({"close": db}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=HANG_GUARD)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def agent(env):
+    """Factory of apsw client processes, each with its own cache directory by default."""
+    started = []
+
+    def make(**kw):
+        a = Agent(env(**kw))
+        started.append(a)
+        return a
+
+    yield make
+    for a in started:
+        a.kill()
+
+
+def make_db(path, sql):
+    """Builds a local SQLite file with the stdlib sqlite3 module."""
+    con = sqlite3.connect(path)
+    con.executescript(sql)
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.fixture
+def big_db(tmp_path):
+    """A ~8 MB database: 20000 rows of 100 random bytes, with an index."""
+    return make_db(
+        tmp_path / "big.db",
+        """
+        create table t(id integer primary key, v text);
+        with recursive c(x) as (select 1 union all select x + 1 from c where x < 20000)
+        insert into t select x, hex(randomblob(100)) from c;
+        create index iv on t(v);
+        """,
+    )
