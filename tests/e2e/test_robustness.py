@@ -1,0 +1,153 @@
+"""Server down, wrong token, bad names, bad pragma values, kill -9 of a writer."""
+
+import os
+import subprocess
+import sys
+import time
+
+from conftest import HANG_GUARD, shell
+
+
+def test_server_down_cached_pages_read_uncached_fail_naming_the_host(server, agent, big_db):
+    server.upload("big", big_db)
+    a = agent()
+    a.sql("big", "pragma litevfs_cache_sync_period = 0")
+    assert a.one("big", "select count(*) from t where id = 10") == 1
+    server.stop()
+    assert a.one("big", "select count(*) from t where id = 10") == 1, "cached pages still read"
+    r = a.run("big", "select sum(length(v)) from t")
+    assert not r["ok"]
+    assert r["code"] & 0xFF == 10, r  # SQLITE_IOERR
+    msg = a.one("big", "pragma litevfs_last_error")
+    assert f"cannot reach the page store at {server.url}" in msg
+    assert server.url in "".join(a.stderr)
+
+
+def test_open_with_the_store_down_fails_naming_the_host(server, env):
+    url = server.url
+    server.stop()
+    r = shell(".open file:any?vfs=litevfs\nselect 1;", env())
+    assert "unable to open database" in r.stderr
+    assert f"cannot reach the page store at {url}" in r.stderr
+
+
+def test_wrong_token_names_litefs_cloud_token(make_server, tmp_path):
+    s = make_server("--token", "secret-token=default:rw")
+    base = {"LITEFS_CLOUD_HOST": s.url, "LITEVFS_CACHE_DIR": str(tmp_path / "c")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("LITEFS_", "LITEVFS_"))}, **base}
+    r = shell(".open file:db?vfs=litevfs\nselect 1;", {**env, "LITEFS_CLOUD_TOKEN": "wrong"})
+    assert "LITEFS_CLOUD_TOKEN" in r.stderr
+    assert "authorization denied" in r.stderr or "unable to open" in r.stderr
+    r = shell(
+        ".open file:db?vfs=litevfs\npragma litevfs_acquire_lease;\ncreate table t(x);\nselect count(*) from t;",
+        {**env, "LITEFS_CLOUD_TOKEN": "secret-token"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "0"
+
+
+def test_path_like_names_are_refused(server, env):
+    for name in ["/tmp/x.db", "../x", "a/b", ".hidden"]:
+        r = shell(f".open file:{name}?vfs=litevfs\nselect 1;", env())
+        assert "unable to open database" in r.stderr, name
+        assert "invalid database name" in r.stderr, name
+
+
+def test_pragmas_read_defaults_and_refuse_bad_values(server, env):
+    r = shell(
+        ".open file:p?vfs=litevfs\n"
+        "pragma litevfs_cache_sync_period;\npragma litevfs_max_cached_pages;\n"
+        "pragma litevfs_min_available_space;\npragma litevfs_max_reqs_per_query;\n"
+        "pragma litevfs_max_prefetch_pages;\npragma litevfs_position;\npragma litevfs_lease;\n"
+        "pragma litevfs_cache_sync_period = '250ms';\npragma litevfs_cache_sync_period;",
+        env(),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [
+        "1s", "262144", "10485760", "0", "32",
+        "0000000000000000/0000000000000000", '{"held":false}', "250ms", "250ms",
+    ]
+    bad = {
+        "litevfs_cache_sync_period = 'soon'": "'500ms'",
+        "litevfs_max_cached_pages = -1": "a number of pages from 0",
+        "litevfs_min_available_space = 'lots'": "K, M or G suffix",
+        "litevfs_max_reqs_per_query = 'x'": "a number of requests",
+        "litevfs_max_prefetch_pages = 5000": "from 0 to 1024",
+        "litevfs_sync = 1": "takes none",
+    }
+    for pragma, allowed in bad.items():
+        r = shell(f".open file:p?vfs=litevfs\npragma {pragma};", env())
+        assert "bad value" in r.stderr and allowed in r.stderr, (pragma, r.stderr)
+
+
+WRITER = """
+import apsw, os, sys
+loader = apsw.Connection(":memory:"); loader.enable_load_extension(True)
+loader.load_extension(os.environ["LITEVFS_EXT"])
+c = apsw.Connection("file:k9?vfs=litevfs", flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE
+                    | apsw.SQLITE_OPEN_CREATE, statementcachesize=0)
+c.setbusytimeout(5000)
+while True:
+    try:
+        c.execute("pragma litevfs_acquire_lease")
+        break
+    except apsw.BusyError:
+        pass  # the killed writer's lease has not expired yet
+c.execute("create table if not exists t(txn integer, i integer, pad blob)")
+txn = c.execute("select coalesce(max(txn), 0) from t").fetchall()[0][0]
+while True:
+    txn += 1
+    c.execute("begin")
+    c.execute("with recursive s(i) as (select 1 union all select i + 1 from s where i < 20) "
+              "insert into t select ?, i, randomblob(700) from s", (txn,))
+    c.execute("update t set pad = randomblob(300) where txn = ? and i = 1", (txn - 1,))
+    c.execute("commit")
+    print(txn, flush=True)
+"""
+
+
+def test_kill_9_of_a_writer_in_a_loop_of_transactions(server, env, agent):
+    for round_ in range(3):
+        w = subprocess.Popen([sys.executable, "-c", WRITER], env=env(), stdout=subprocess.PIPE, text=True)
+        committed = 0
+        deadline = time.monotonic() + HANG_GUARD
+        while committed < 5 + 3 * round_ and time.monotonic() < deadline:
+            line = w.stdout.readline()
+            assert line, "writer died"
+            committed = int(line)
+        w.kill()
+        w.wait()
+        r = agent()
+        assert r.one("k9", "pragma integrity_check") == "ok"
+        groups = r.sql("k9", "select txn, count(*) from t group by txn order by txn")
+        assert all(n == 20 for _, n in groups), "a transaction is all there or not at all"
+        txns = [t for t, _ in groups]
+        assert txns == list(range(1, len(txns) + 1))
+        assert committed <= len(txns) <= committed + 1
+        r.kill()
+
+
+def test_no_hot_journal_survives_a_kill(server, env, agent):
+    a = agent()
+    a.sql("hj", "pragma litevfs_acquire_lease")
+    a.sql("hj", "create table t(x)")
+    a.sql("hj", "begin; insert into t values (1)")
+    a.kill()
+    r = agent()
+    assert r.sql("hj", "select count(*) from t") == [[0]]
+    assert r.one("hj", "pragma integrity_check") == "ok"
+
+
+def test_cluster_and_log_file_from_the_environment(server, env, tmp_path, big_db):
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{server.url}/db/upload?db=inc1&cluster=c1", data=big_db.read_bytes(), method="POST"
+    )
+    urllib.request.urlopen(req, timeout=HANG_GUARD).read()
+    log = tmp_path / "litevfs.log"
+    r = shell(".open file:inc1?vfs=litevfs\nselect count(*) from t;", env(LITEFS_CLOUD_CLUSTER="c1"))
+    assert r.returncode == 0 and r.stdout.strip() == "20000", r.stderr
+    r = shell(".open file:inc1?vfs=litevfs&mode=ro\nselect 1;", env(LITEVFS_LOG_FILE=log))
+    assert "does not exist" in log.read_text()
+    assert "does not exist" not in r.stderr
