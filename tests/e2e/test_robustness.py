@@ -151,3 +151,32 @@ def test_cluster_and_log_file_from_the_environment(server, env, tmp_path, big_db
     r = shell(".open file:inc1?vfs=litevfs&mode=ro\nselect 1;", env(LITEVFS_LOG_FILE=log))
     assert "does not exist" in log.read_text()
     assert "does not exist" not in r.stderr
+
+
+def test_pruned_position_fails_the_statement_with_the_extended_code(make_server, env, agent, big_db):
+    import time as _time
+
+    s = make_server("--retention", "100ms")
+    s.upload("big", big_db)
+    env.server = s
+    r, w = agent(), agent()
+    r.sql("big", "pragma litevfs_max_prefetch_pages = 0")
+    r.sql("big", "begin")
+    assert r.one("big", "select count(*) from t where id = 1") == 1
+    old = r.one("big", "pragma litevfs_position")
+    w.sql("big", "pragma litevfs_acquire_lease")
+    w.sql("big", "update t set v = hex(randomblob(100))")
+    w.sql("big", "insert into t values (20001, 'x')")
+    failure = None
+    for i in range(2, 20000, 25):
+        res = r.run("big", "select v from t where id = ?", args=[i])
+        if not res["ok"]:
+            failure = res
+            break
+        _time.sleep(0.05)
+    assert failure is not None, "the store kept serving a pruned position"
+    assert failure["code"] == 1347375882, failure  # SQLITE_IOERR | (0x504F53 << 8)
+    assert "changed in the page store under this transaction" in r.one("big", "pragma litevfs_last_error")
+    r.run("big", "rollback")
+    assert r.one("big", "select count(*) from t") == 20001
+    assert r.one("big", "pragma litevfs_position") != old
