@@ -51,6 +51,26 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
+/// Most bytes of an oversized body read and discarded before answering 413, so that ordinary
+/// clients (which send the whole body before reading the reply) see the error instead of a
+/// reset connection. Past this the connection is simply closed.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Discards the rest of `stream` (bounded by [`DRAIN_LIMIT`]) and returns the 413 error.
+async fn reject<S>(mut stream: S, limit: u64) -> ApiError
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
+{
+    let mut drained = 0u64;
+    while drained < DRAIN_LIMIT {
+        match stream.next().await {
+            Some(Ok(chunk)) => drained += chunk.len() as u64,
+            _ => break,
+        }
+    }
+    too_large(limit)
+}
+
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(axum::http::header::CONTENT_LENGTH)?
@@ -68,10 +88,10 @@ pub async fn spool(
     limit: u64,
     tmp_dir: &Path,
 ) -> ApiResult<Spool> {
-    if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(too_large(limit));
-    }
     let mut stream = body.into_data_stream();
+    if content_length(headers).is_some_and(|n| n > limit) {
+        return Err(reject(stream, limit).await);
+    }
     let mut mem = Vec::new();
     let mut file: Option<(std::fs::File, u64)> = None;
     while let Some(chunk) = stream.next().await {
@@ -80,7 +100,7 @@ pub async fn spool(
         })?;
         let total = file.as_ref().map_or(mem.len() as u64, |f| f.1) + chunk.len() as u64;
         if total > limit {
-            return Err(too_large(limit));
+            return Err(reject(stream, limit).await);
         }
         if file.is_none() && total as usize > MEMORY_LIMIT {
             let mut f = tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?;
@@ -105,17 +125,17 @@ pub async fn spool(
 
 /// Reads a small body (JSON) completely, at most `limit` bytes.
 pub async fn read_small(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec<u8>> {
-    if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(too_large(limit));
-    }
     let mut stream = body.into_data_stream();
+    if content_length(headers).is_some_and(|n| n > limit) {
+        return Err(reject(stream, limit).await);
+    }
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::new(ErrorCode::BadInput, format!("reading request body: {e}"))
         })?;
         if (out.len() + chunk.len()) as u64 > limit {
-            return Err(too_large(limit));
+            return Err(reject(stream, limit).await);
         }
         out.extend_from_slice(&chunk);
     }

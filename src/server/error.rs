@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::store::StoreError;
+use crate::ltx::LtxError;
 use crate::wire::{ErrorBody, ErrorCode, Pos};
 
 /// An error reply: a code, a human message, and for `EPOSMISMATCH` the current position.
@@ -82,6 +83,7 @@ impl From<StoreError> for ApiError {
             StoreError::NoTxid(_) => ErrorCode::NoTxid,
             StoreError::NoTimestamp(_) => ErrorCode::NoTimestamp,
             StoreError::NoPage(_) => ErrorCode::NoPage,
+            StoreError::BadFormat(LtxError::SnapshotChecksum { .. }) => ErrorCode::BadChecksum,
             StoreError::BadFormat(_) => ErrorCode::BadFormat,
             StoreError::BadHeader(_) => ErrorCode::BadHeader,
             StoreError::BadChecksum { .. } => ErrorCode::BadChecksum,

@@ -1,0 +1,542 @@
+//! Conformance of `litevfs serve` with the page-store API (spec sections 1-3, 9): the real
+//! binary on loopback, real HTTP. History, sync, leases and images are in sibling files.
+
+mod server_support;
+
+use litevfs::ltx::{self, EMPTY_CHECKSUM, FLAG_LZ4};
+use litevfs::wire::{ErrorBody, MEDIA_PAGE_FRAMES, PagesResponse, Pos, decode_page_frames};
+use server_support::{Model, Server, page, vector};
+
+fn hdr(commit: u32, min: u64, max: u64, pre: u64) -> ltx::Header {
+    ltx::Header {
+        timestamp_ms: 0,
+        ..ltx::Header::new(512, commit, min, max, pre)
+    }
+}
+
+fn file_checksum(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[b.len() - 8..].try_into().unwrap())
+}
+
+/// Vectors 9-11, built by our encoder, checked against the spec's checksums and files.
+fn vectors_abc() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let a = ltx::encode(&hdr(1, 1, 1, 0), &[(1, &[1; 512])], 0xe4e4aaa102377eee).unwrap();
+    let b = ltx::encode(
+        &hdr(2, 1, 1, 0),
+        &[(1, &[3; 512]), (2, &[2; 512])],
+        0x8b87423eeeeeeeee,
+    )
+    .unwrap();
+    let c = ltx::encode(
+        &hdr(2, 2, 2, 0x8b87423eeeeeeeee),
+        &[(2, &[4; 512])],
+        0xd078845888888888,
+    )
+    .unwrap();
+    assert_eq!(file_checksum(&a), 0xa5764f2cc208d3e5);
+    assert_eq!(file_checksum(&b), 0xbc78ebc48a1d06d2);
+    assert_eq!(file_checksum(&c), 0x938d9bc6e6d69e5c);
+    assert_eq!(a, vector("snapshot_A.ltx"));
+    assert_eq!(b, vector("snapshot_B.ltx"));
+    assert_eq!(c, vector("incremental_C_on_B.ltx"));
+    (a, b, c)
+}
+
+#[test]
+fn pos_lists_databases_with_exact_json() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    assert_eq!(api.get("/pos", &[]).ok().text(), "{}");
+    let (a, b, c) = vectors_abc();
+    api.tx("a", a).ok();
+    let r = api.tx("b", b).ok();
+    assert_eq!(r.header("Litefs-Hwm").as_deref(), Some("0000000000000001"));
+    assert!(r.body.is_empty());
+    api.tx("b", c).ok();
+    assert_eq!(
+        api.get("/pos", &[]).ok().text(),
+        r#"{"a":{"txid":"0000000000000001","postApplyChecksum":"e4e4aaa102377eee"},"b":{"txid":"0000000000000002","postApplyChecksum":"d078845888888888"}}"#
+    );
+    assert_eq!(
+        api.pos("b").unwrap().to_string(),
+        "0000000000000002/d078845888888888"
+    );
+}
+
+#[test]
+fn lz4_and_lfsb_vectors_are_accepted() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let (_, b, _) = vectors_abc();
+    api.tx("c", b).ok();
+    let mut cz = hdr(2, 2, 2, 0x8b87423eeeeeeeee);
+    cz.flags = FLAG_LZ4;
+    let cz = ltx::encode(&cz, &[(2, &[4; 512])], 0xd078845888888888).unwrap();
+    assert_eq!((cz.len(), file_checksum(&cz)), (148, 0xd8e02d44e72ae74e));
+    api.tx("c", cz).ok();
+    assert_eq!(api.pos("c"), Some(Pos::new(2, 0xd078845888888888)));
+    // Spec 9.13: lfsb's LZ4 snapshots, one with pages and one with commit 0.
+    let mut h = hdr(2, 1, 6, 0);
+    h.flags = FLAG_LZ4;
+    let five = ltx::encode(
+        &h,
+        &[(1, &[b'5'; 512]), (2, &[b'6'; 512])],
+        0xad2dffe333333333,
+    )
+    .unwrap();
+    assert_eq!(file_checksum(&five), 0xbb0e2065ff682755);
+    api.tx("five", five).ok();
+    assert_eq!(api.pos("five"), Some(Pos::new(6, 0xad2dffe333333333)));
+    let mut h0 = hdr(0, 1, 6, 0);
+    h0.flags = FLAG_LZ4;
+    let empty = ltx::encode(&h0, &[], EMPTY_CHECKSUM).unwrap();
+    assert_eq!(file_checksum(&empty), 0x8553be86dc216640);
+    api.tx("empty", empty).ok();
+    assert_eq!(api.pos("empty"), Some(Pos::new(6, EMPTY_CHECKSUM)));
+    let snap = api.snapshot("empty");
+    assert_eq!((snap.header.commit, snap.pages.len()), (0, 0));
+}
+
+#[test]
+fn fake_snapshot_checksum_is_rejected() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let fake = vector("lfsc_snapshot_fake_post_lz4.ltx");
+    assert_eq!(file_checksum(&fake), 0xbdc35cf8b5a3384c);
+    api.tx("x", fake).err(400, "EBADCHECKSUM");
+    let mut w = ltx::Writer::new(Vec::new(), &hdr(2, 1, 4, 0)).unwrap();
+    w.write_page(1, &[3; 512]).unwrap();
+    w.write_page(2, &[2; 512]).unwrap();
+    let (t, plain) = w.finish(0x8000000000000bb8).unwrap();
+    assert_eq!(t.file_checksum, 0xc8d8c55bde12fe8d);
+    api.tx("x", plain).err(400, "EBADCHECKSUM");
+    assert_eq!(api.pos("x"), None, "a refused first upload creates nothing");
+}
+
+#[test]
+fn contiguity_rules_and_pos_mismatch_body() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    // Spec 9.6: an empty database refuses Min=2 with the zero pos.
+    let min2 = ltx::encode(
+        &hdr(1, 2, 2, 0x8000000000000001),
+        &[(1, &[1; 512])],
+        0x8000000000000002,
+    )
+    .unwrap();
+    let e = api.tx("a", min2.clone()).err(409, "EPOSMISMATCH");
+    assert_eq!(e.pos, Some(Pos::ZERO));
+    let (a, _, _) = vectors_abc();
+    api.tx("a", a.clone()).ok();
+    // Snapshot again on a non-empty database, Min=3, and Min=2 with a wrong pre-apply checksum.
+    let min3 = ltx::encode(
+        &hdr(1, 3, 3, 0xe4e4aaa102377eee),
+        &[(1, &[2; 512])],
+        0x8000000000000002,
+    )
+    .unwrap();
+    for bad in [a, min3, min2] {
+        let r = api.tx("a", bad);
+        r.err(409, "EPOSMISMATCH");
+        assert_eq!(
+            r.text(),
+            r#"{"code":"EPOSMISMATCH","error":"position mismatch","pos":{"txid":"0000000000000001","postApplyChecksum":"e4e4aaa102377eee"}}"#
+        );
+    }
+    assert_eq!(api.pos("a"), Some(Pos::new(1, 0xe4e4aaa102377eee)));
+}
+
+#[test]
+fn bad_ltx_changes_nothing() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(
+        &api,
+        "d",
+        3,
+        &[(1, page(512, 1)), (2, page(512, 2)), (3, page(512, 3))],
+    );
+    let (good, _) = m.tx(3, &[(2, page(512, 9))]);
+    for cut in [0, 10, 99, 100, 103, 300, good.len() - 17, good.len() - 1] {
+        api.tx("d", good[..cut].to_vec()).err(400, "EBADFORMAT");
+    }
+    let mut flipped = good.clone();
+    flipped[200] ^= 0x40;
+    let e = api.tx("d", flipped).err(400, "EBADFORMAT");
+    assert!(e.error.contains("checksum"), "{}", e.error);
+    api.tx("d", b"not an ltx file at all, just text".repeat(10))
+        .err(400, "EBADFORMAT");
+    // Wrong post-apply checksum on an incremental file.
+    let hdr3 = ltx::Header::new(512, 3, 2, 2, m.pos.checksum.0);
+    let wrong = ltx::encode(&hdr3, &[(2, &page(512, 9))], 0x8000000000001234).unwrap();
+    api.tx("d", wrong).err(400, "EBADCHECKSUM");
+    // Page size mismatch.
+    let other = ltx::Header::new(1024, 3, 2, 2, m.pos.checksum.0);
+    let ps = ltx::encode(&other, &[(1, &page(1024, 1))], 0x8000000000000001).unwrap();
+    api.tx("d", ps).err(422, "EBADHEADER");
+    // Growing from 3 to 5 pages with page 4 missing.
+    let (_, grown) = m.tx(5, &[(4, page(512, 4)), (5, page(512, 5))]);
+    let gap_hdr = ltx::Header::new(512, 5, 2, 2, m.pos.checksum.0);
+    let gap = ltx::encode(&gap_hdr, &[(5, &page(512, 5))], grown.pos.checksum.0).unwrap();
+    api.tx("d", gap).err(400, "EMISSINGPAGES");
+    assert_eq!(api.pos("d"), Some(m.pos));
+    let snap = api.snapshot("d");
+    assert_eq!(snap.trailer.post_apply_checksum, m.checksum());
+    assert_eq!(snap.pages[1].1, page(512, 2));
+    // The good file still applies afterwards.
+    api.tx("d", good).ok();
+}
+
+#[test]
+fn shrink_and_delete() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(
+        &api,
+        "v",
+        3,
+        &[(1, page(512, 1)), (2, page(512, 2)), (3, page(512, 3))],
+    );
+    let before = m.pos;
+    m.commit(&api, "v", 1, &[(1, page(512, 7))]);
+    assert_eq!(api.pos("v"), Some(m.pos));
+    let q = |pos: &Pos, pg: &str| {
+        api.get(
+            "/db/page",
+            &[("db", "v"), ("pos", &pos.to_string()), ("pgno", pg)],
+        )
+    };
+    q(&m.pos, "2").err(404, "ENOPAGE");
+    let old: PagesResponse = q(&before, "2").ok().json();
+    assert_eq!(old.pages[0].data, page(512, 2));
+    let sync: litevfs::wire::Changes = api
+        .get("/db/sync", &[("db", "v"), ("pos", &before.to_string())])
+        .ok()
+        .json();
+    assert_eq!(sync.pgnos, Some(vec![1, 2, 3]));
+    // Grow back: the regrown page must be in the file.
+    m.commit(&api, "v", 2, &[(2, page(512, 8))]);
+    // Commit size 0: the database is deleted but keeps its history.
+    m.commit(&api, "v", 0, &[]);
+    assert_eq!(m.pos.checksum.0, EMPTY_CHECKSUM);
+    assert_eq!(api.pos("v"), Some(m.pos));
+    let snap = api.snapshot("v");
+    assert_eq!(snap.header.commit, 0);
+    assert!(
+        api.get("/db/snapshot", &[("db", "v"), ("format", "sqlite")])
+            .ok()
+            .body
+            .is_empty()
+    );
+    // And recreated with another page size.
+    m = Model {
+        page_size: 1024,
+        ..m
+    };
+    m.commit(&api, "v", 1, &[(1, page(1024, 5))]);
+    assert_eq!(api.snapshot("v").header.page_size, 1024);
+}
+
+#[test]
+fn pages_at_positions_json_and_frames() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(4096);
+    m.commit(
+        &api,
+        "p",
+        3,
+        &[(1, page(4096, 1)), (2, page(4096, 2)), (3, page(4096, 3))],
+    );
+    let p1 = m.pos;
+    m.commit(&api, "p", 4, &[(2, page(4096, 22)), (4, page(4096, 4))]);
+    let get = |pos: Pos, q: &[(&str, &str)]| {
+        let ps = pos.to_string();
+        let mut all = vec![("db", "p"), ("pos", ps.as_str())];
+        all.extend_from_slice(q);
+        api.get("/db/page", &all)
+    };
+    // Old position, comma list: page 4 is past that position's end and is left out.
+    let r = get(p1, &[("pgno", "2,1,4")]).ok();
+    assert_eq!(r.header("Litevfs-Page-Size").as_deref(), Some("4096"));
+    let pages: PagesResponse = r.json();
+    let got: Vec<(u32, u8)> = pages.pages.iter().map(|p| (p.pgno, p.data[0])).collect();
+    assert_eq!(got, vec![(2, 2), (1, 1)]);
+    // New position, repeated params.
+    let pages: PagesResponse = get(m.pos, &[("pgno", "2"), ("pgno", "4")]).ok().json();
+    let got: Vec<(u32, u8)> = pages.pages.iter().map(|p| (p.pgno, p.data[0])).collect();
+    assert_eq!(got, vec![(2, 22), (4, 4)]);
+    // Binary frames.
+    let ps = m.pos.to_string();
+    let rb = api.req(
+        reqwest::Method::GET,
+        "/db/page",
+        &[("db", "p"), ("pos", &ps), ("pgno", "3,2")],
+    );
+    let r = api.send(rb.header("Accept", MEDIA_PAGE_FRAMES)).ok();
+    assert_eq!(r.header("content-type").as_deref(), Some(MEDIA_PAGE_FRAMES));
+    let frames = decode_page_frames(&r.body).unwrap();
+    assert_eq!(
+        frames
+            .iter()
+            .map(|p| (p.pgno, p.data[0], p.data.len()))
+            .collect::<Vec<_>>(),
+        vec![(3, 3, 4096), (2, 22, 4096)]
+    );
+    // First page past the end.
+    get(m.pos, &[("pgno", "5,1")]).err(404, "ENOPAGE");
+    // Positions the server cannot serve.
+    for bad in [
+        Pos::new(9, 0x8000000000000001),
+        Pos::new(1, 0x8000000000000001),
+        Pos::ZERO,
+    ] {
+        let e = get(bad, &[("pgno", "1")]).err(409, "EPOSMISMATCH");
+        assert_eq!(e.pos, Some(m.pos));
+    }
+    // Malformed input.
+    for bad in [
+        "",
+        "2/3",
+        "0000000000000001",
+        "0000000000000000/8000000000000001",
+        "zz00000000000001/8000000000000001",
+    ] {
+        api.get("/db/page", &[("db", "p"), ("pos", bad), ("pgno", "1")])
+            .err(400, "EBADPOS");
+    }
+    api.get("/db/page", &[("db", "p"), ("pgno", "1")])
+        .err(400, "EBADPOS");
+    for bad in ["0", "x", "1,,2", "-1", "4294967296"] {
+        get(m.pos, &[("pgno", bad)]).err(400, "EINVALIDPGNO");
+    }
+    get(m.pos, &[]).err(400, "EINVALIDPGNO");
+    api.get("/db/page", &[("db", "nope"), ("pos", &ps), ("pgno", "1")])
+        .err(404, "ENODB");
+}
+
+#[test]
+fn bad_names_and_clusters() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let (a, _, _) = vectors_abc();
+    for bad in ["../x", "a/b", "..", ".hidden", "", "a b", "x\\y"] {
+        api.tx(bad, a.clone()).err(400, "EBADDB");
+        api.get("/db/snapshot", &[("db", bad)]).err(400, "EBADDB");
+    }
+    api.post("/db/tx", &[], a.clone()).err(400, "EBADDB");
+    api.get("/pos", &[("cluster", "../etc")])
+        .err(400, "EBADCLUSTER");
+    // Clusters are namespaces.
+    api.post("/db/tx", &[("db", "same"), ("cluster", "one")], a.clone())
+        .ok();
+    assert_eq!(api.get("/pos", &[("cluster", "two")]).ok().text(), "{}");
+    assert!(
+        api.get("/pos", &[("cluster", "one")])
+            .ok()
+            .text()
+            .contains("same")
+    );
+    assert_eq!(api.positions().len(), 0, "default cluster is separate");
+    let files: Vec<_> = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .all(|f| f.to_str().unwrap().starts_with("store.db") || f == "tmp"),
+        "{files:?}"
+    );
+}
+
+#[test]
+fn every_error_is_json() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    api.get("/nope", &[]).err(404, "ENOROUTE");
+    api.get("/db/tx", &[("db", "a")]).err(405, "EMETHOD");
+    api.delete("/pos", &[]).err(405, "EMETHOD");
+    api.post("/healthz", &[], vec![]).err(405, "EMETHOD");
+    api.get("/db/snapshot", &[("db", "missing")])
+        .err(404, "ENODB");
+    api.get("/db/snapshot", &[("db", "missing"), ("format", "zip")])
+        .err(400, "EBADFORMAT");
+    api.post("/sync", &[], b"{not json".to_vec())
+        .err(400, "EBADINPUT");
+    api.post(
+        "/sync",
+        &[],
+        br#"{"positions":{"a":{"txid":"1","postApplyChecksum":"2"}}}"#.to_vec(),
+    )
+    .err(400, "EBADINPUT");
+    api.post("/sync", &[], br#"{"positions":{"../a":{"txid":"0000000000000000","postApplyChecksum":"0000000000000000"}}}"#.to_vec())
+        .err(400, "EBADDB");
+    api.post(
+        "/sync",
+        &[("wait", "soon")],
+        br#"{"positions":{}}"#.to_vec(),
+    )
+    .err(400, "EBADINPUT");
+    let e: ErrorBody = api.get("/nope", &[]).json();
+    assert!(e.pos.is_none());
+    assert!(!api.get("/nope", &[]).text().contains("null"));
+}
+
+#[test]
+fn oversized_bodies_get_413() {
+    let s = Server::start(&["--max-body-size", "64KiB"]);
+    let api = s.api();
+    let mut m = Model::new(4096);
+    let pages: Vec<(u32, Vec<u8>)> = (1..=20).map(|p| (p, page(4096, p as u8))).collect();
+    let (big, _) = m.tx(20, &pages);
+    assert!(big.len() > 64 << 10);
+    api.tx("big", big).err(413, "ETOOLARGE");
+    api.post("/db/upload", &[("db", "big")], vec![0; 100 << 10])
+        .err(413, "ETOOLARGE");
+    assert_eq!(api.pos("big"), None);
+    m.commit(&api, "big", 10, &pages[..10]);
+    assert_eq!(api.pos("big"), Some(m.pos));
+}
+
+#[test]
+fn info_healthz_metrics() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let info: litevfs::wire::Info = api.get("/info", &[]).ok().json();
+    let id = info.cluster_id.unwrap();
+    assert!(
+        id.len() == 20
+            && id.starts_with("LFSC")
+            && id[4..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()),
+        "{id}"
+    );
+    let again: litevfs::wire::Info = api.get("/info", &[]).ok().json();
+    assert_eq!(again.cluster_id.as_deref(), Some(id.as_str()));
+    assert_eq!(api.get("/healthz", &[]).ok().text(), r#"{"status":"ok"}"#);
+    let mut m = Model::new(512);
+    m.commit(&api, "m", 2, &[(1, page(512, 1)), (2, page(512, 2))]);
+    let ps = m.pos.to_string();
+    api.get("/db/page", &[("db", "m"), ("pos", &ps), ("pgno", "1,2")])
+        .ok();
+    api.get("/db/page", &[("db", "m"), ("pos", &ps), ("pgno", "9")])
+        .err(404, "ENOPAGE");
+    api.post("/lease", &[("db", "m")], vec![]).ok();
+    api.post("/lease", &[("db", "m")], vec![])
+        .err(409, "ELEASEEXISTS");
+    let text = api.get("/metrics", &[]).ok().text();
+    for want in [
+        "litevfs_http_requests_total{route=\"/db/page\",method=\"GET\",status=\"200\"} 1",
+        "litevfs_http_requests_total{route=\"/db/page\",method=\"GET\",status=\"404\"} 1",
+        "litevfs_http_requests_total{route=\"/db/tx\",method=\"POST\",status=\"200\"} 1",
+        "litevfs_pages_served_total 2",
+        "litevfs_page_bytes_served_total 1024",
+        "litevfs_commits_total 1",
+        "litevfs_lease_events_total{event=\"acquire\"} 1",
+        "litevfs_lease_events_total{event=\"conflict\"} 1",
+    ] {
+        assert!(text.contains(want), "missing {want} in\n{text}");
+    }
+}
+
+#[test]
+fn auth_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# comment\n\nfile-token=prod:rw\n").unwrap();
+    let tf = file.to_str().unwrap();
+    let s = Server::start(&[
+        "--token",
+        "rw-token=prod:rw",
+        "--token",
+        "ro token=prod:ro",
+        "--token",
+        "admin=*:rw",
+        "--tokens-file",
+        tf,
+    ]);
+    let (a, _, _) = vectors_abc();
+    s.api().get("/pos", &[]).err(401, "EINVALIDAUTH");
+    s.api_with("wrong")
+        .get("/pos", &[])
+        .err(401, "EINVALIDAUTH");
+    s.api_with("cluster prod")
+        .tx("a", a.clone())
+        .err(401, "EINVALIDAUTH");
+    let ro = s.api_with("ro token");
+    assert_eq!(ro.get("/pos", &[]).ok().text(), "{}");
+    ro.tx("a", a.clone()).err(403, "EFORBIDDEN");
+    ro.post("/lease", &[("db", "a")], vec![])
+        .err(403, "EFORBIDDEN");
+    ro.post("/db/upload", &[("db", "a")], vec![])
+        .err(403, "EFORBIDDEN");
+    ro.delete("/db", &[("db", "a")]).err(403, "EFORBIDDEN");
+    ro.post(
+        "/db/restore",
+        &[("db", "a"), ("txid", "0000000000000001")],
+        vec![],
+    )
+    .err(403, "EFORBIDDEN");
+    let rw = s.api_with("rw-token");
+    rw.tx("a", a.clone()).ok();
+    rw.get("/pos", &[("cluster", "other")])
+        .err(403, "EFORBIDDEN");
+    assert!(
+        rw.get("/pos", &[("cluster", "prod")])
+            .ok()
+            .text()
+            .contains("\"a\"")
+    );
+    assert!(
+        s.api_with("file-token")
+            .get("/pos", &[])
+            .ok()
+            .text()
+            .contains("\"a\"")
+    );
+    assert!(ro.get("/db/snapshot", &[("db", "a")]).ok().body.len() > 100);
+    let admin = s.api_with("admin");
+    assert!(
+        admin
+            .get("/pos", &[("cluster", "prod")])
+            .ok()
+            .text()
+            .contains("\"a\"")
+    );
+    assert_eq!(admin.get("/pos", &[]).ok().text(), "{}");
+    // Unauthenticated service endpoints.
+    s.api().get("/healthz", &[]).ok();
+    s.api().get("/metrics", &[]).ok();
+}
+
+#[test]
+fn refuses_anonymous_non_loopback_and_bad_flags() {
+    let run = |args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_litevfs"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("LITEVFS_TOKENS")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--listen", "0.0.0.0:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));
+    assert!(out.stdout.is_empty());
+    for bad in [
+        ["--token", "nocluster"],
+        ["--retention", "10x"],
+        ["--max-body-size", "lots"],
+    ] {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(&bad);
+        assert!(!run(&args).status.success(), "{bad:?}");
+    }
+}

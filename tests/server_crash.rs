@@ -1,0 +1,126 @@
+//! Crash safety: kill -9 the server in the middle of a stream of commits, restart it on the same
+//! data directory, and check that every acknowledged commit survived, that the database is at
+//! the acknowledged position or at the one commit that was in flight (never between), and that
+//! every snapshot verifies.
+
+mod server_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use litevfs::ltx;
+use litevfs::wire::Pos;
+use server_support::{Api, Model, Server, page};
+
+const ROUNDS: u32 = 8;
+const DBS: [&str; 2] = ["alpha", "beta"];
+
+/// Deterministic changes for commit number `n` of a database: rewrite a few pages, sometimes
+/// grow, sometimes shrink.
+fn changes(m: &Model, n: u64) -> (u32, Vec<(u32, Vec<u8>)>) {
+    let mut commit = m.commit.max(1);
+    if n % 7 == 0 {
+        commit += 3;
+    } else if n % 13 == 0 && commit > 4 {
+        commit -= 2;
+    }
+    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    for p in m.commit + 1..=commit {
+        pages.insert(p, page(512, (n as u8).wrapping_add(p as u8)));
+    }
+    for k in 0..3u64 {
+        let p = ((n * 31 + k * 17) % u64::from(commit)) as u32 + 1;
+        pages.insert(p, page(512, (n as u8) ^ (k as u8 * 85)));
+    }
+    (commit, pages.into_iter().collect())
+}
+
+/// Commits until the server goes away; returns the last acknowledged model and the one in flight.
+fn write_until_killed(api: Api, db: &str, mut m: Model) -> (Model, Option<Model>) {
+    for n in m.pos.txid.0 + 1.. {
+        let (commit, ch) = changes(&m, n);
+        let (bytes, next) = m.tx(commit, &ch);
+        match api.try_send(
+            api.req(reqwest::Method::POST, "/db/tx", &[("db", db)])
+                .body(bytes),
+        ) {
+            Ok(r) => {
+                assert_eq!(r.status, 200, "{}", r.text());
+                m = next;
+            }
+            Err(_) => return (m, Some(next)),
+        }
+    }
+    unreachable!()
+}
+
+/// The model of `db` as the server has it now, after checking the snapshot verifies.
+fn model_from_server(api: &Api, db: &str) -> Model {
+    let Some(pos) = api.pos(db) else {
+        return Model::new(512);
+    };
+    let r = api.get("/db/snapshot", &[("db", db)]).ok();
+    let snap = ltx::decode(&r.body).expect("snapshot verifies after a crash");
+    assert_eq!(
+        Pos::new(snap.header.max_txid, snap.trailer.post_apply_checksum),
+        pos
+    );
+    let pages = snap.pages.into_iter().collect();
+    Model {
+        page_size: 512,
+        commit: snap.header.commit,
+        pages,
+        pos,
+    }
+}
+
+#[test]
+fn kill_9_never_loses_an_acknowledged_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut models: Vec<Model> = DBS.iter().map(|_| Model::new(512)).collect();
+    for round in 0..ROUNDS {
+        let server = Server::start_in(&data, &[]);
+        let api = server.api();
+        let writers: Vec<_> = DBS
+            .iter()
+            .zip(models.clone())
+            .map(|(db, m)| {
+                let api = api.clone();
+                std::thread::spawn(move || write_until_killed(api, db, m))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(150 + u64::from(round) * 40));
+        server.kill9();
+        let results: Vec<(Model, Option<Model>)> =
+            writers.into_iter().map(|w| w.join().unwrap()).collect();
+        let server = Server::start_in(&data, &[]);
+        let api = server.api();
+        for ((db, (acked, in_flight)), model) in DBS.iter().zip(results).zip(models.iter_mut()) {
+            let now = model_from_server(&api, db);
+            let at_acked = now.pos == acked.pos;
+            let at_flight = in_flight.as_ref().is_some_and(|f| f.pos == now.pos);
+            assert!(
+                at_acked || at_flight,
+                "round {round} {db}: server at {} acked {}",
+                now.pos,
+                acked.pos
+            );
+            let expected = if at_acked {
+                &acked
+            } else {
+                in_flight.as_ref().unwrap()
+            };
+            assert_eq!(now.image(), expected.image(), "round {round} {db}: content");
+            *model = now;
+        }
+        server.kill9();
+    }
+    for (db, m) in DBS.iter().zip(&models) {
+        eprintln!("{db}: {} commits, {} pages", m.pos.txid.0, m.commit);
+        assert!(
+            m.pos.txid.0 >= u64::from(ROUNDS),
+            "{db}: too few commits to mean anything"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! Page-store behaviour over time: change feeds and long-poll, leases and races, snapshots at
+//! older positions, restore, upload round trips, retention. Real server on loopback.
+
+mod server_support;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use litevfs::ltx;
+use litevfs::wire::{Changes, Lease, Pos, SyncResponse, TxidResponse};
+use server_support::{Api, Model, Server, page};
+
+fn sync_body(entries: &[(&str, Pos)]) -> Vec<u8> {
+    let positions: std::collections::BTreeMap<String, Pos> =
+        entries.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+    serde_json::to_vec(&litevfs::wire::SyncRequest { positions }).unwrap()
+}
+
+fn db_sync(api: &Api, db: &str, pos: Option<Pos>, wait: Option<&str>) -> Changes {
+    let ps = pos.map(|p| p.to_string());
+    let mut q = vec![("db", db)];
+    if let Some(p) = &ps {
+        q.push(("pos", p));
+    }
+    if let Some(w) = wait {
+        q.push(("wait", w));
+    }
+    api.get("/db/sync", &q).ok().json()
+}
+
+#[test]
+fn sync_reports_changes() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(
+        &api,
+        "s",
+        3,
+        &[(1, page(512, 1)), (2, page(512, 2)), (3, page(512, 3))],
+    );
+    let p1 = m.pos;
+    m.commit(&api, "s", 3, &[(1, page(512, 11)), (3, page(512, 33))]);
+    m.commit(&api, "s", 4, &[(4, page(512, 4)), (1, page(512, 1))]);
+    let all = db_sync(&api, "s", None, None);
+    assert_eq!((all.pos, all.all), (m.pos, Some(true)));
+    let since = db_sync(&api, "s", Some(p1), None);
+    assert_eq!(
+        (since.drops_all(), since.pos, since.pgnos),
+        (false, m.pos, Some(vec![1, 3, 4]))
+    );
+    let none = db_sync(&api, "s", Some(m.pos), None);
+    assert!(!none.drops_all() && none.pgnos.unwrap_or_default().is_empty());
+    for unknown in [
+        Pos::new(2, 0x8000000000000009),
+        Pos::new(99, 0x8000000000000009),
+    ] {
+        assert!(db_sync(&api, "s", Some(unknown), None).drops_all());
+    }
+    api.get("/db/sync", &[("db", "nope")]).err(404, "ENODB");
+    api.get("/db/sync", &[("db", "s"), ("pos", "junk")])
+        .err(400, "EBADPOS");
+    // Batched: an entry for every requested database that exists, none for the others.
+    let body = sync_body(&[("s", p1), ("ghost", Pos::ZERO)]);
+    let r: SyncResponse = api.post("/sync", &[], body).ok().json();
+    assert_eq!(r.changes.keys().collect::<Vec<_>>(), vec!["s"]);
+    assert_eq!(r.changes["s"].pgnos, Some(vec![1, 3, 4]));
+    let r: SyncResponse = api
+        .post("/sync", &[], sync_body(&[("s", Pos::ZERO)]))
+        .ok()
+        .json();
+    assert!(r.changes["s"].drops_all());
+}
+
+#[test]
+fn long_poll_wakes_on_commit_and_times_out_quietly() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(&api, "w", 1, &[(1, page(512, 1))]);
+    let start = m.pos;
+    // Nothing happens: the plain "no changes" reply after the wait.
+    let r: SyncResponse = api
+        .post("/sync", &[("wait", "300")], sync_body(&[("w", start)]))
+        .ok()
+        .json();
+    assert_eq!(r.changes["w"].pos, start);
+    assert!(
+        !r.changes["w"].drops_all() && r.changes["w"].pgnos.clone().unwrap_or_default().is_empty()
+    );
+    let c = db_sync(&api, "w", Some(start), Some("200"));
+    assert_eq!(c.pos, start);
+    // A commit wakes both kinds of long-poll before the (maximal) wait ends.
+    let waiters: Vec<_> = (0..2)
+        .map(|i| {
+            let api = api.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let c = if i == 0 {
+                    let r: SyncResponse = api
+                        .post("/sync", &[("wait", "30000")], sync_body(&[("w", start)]))
+                        .ok()
+                        .json();
+                    r.changes["w"].clone()
+                } else {
+                    db_sync(&api, "w", Some(start), Some("30000"))
+                };
+                (c, t.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    m.commit(&api, "w", 1, &[(1, page(512, 2))]);
+    for w in waiters {
+        let (c, elapsed) = w.join().unwrap();
+        assert_eq!((c.pos, c.pgnos), (m.pos, Some(vec![1])));
+        assert!(
+            elapsed < Duration::from_secs(30),
+            "returned only when the wait ended"
+        );
+    }
+    // Creation of a requested database also wakes a long-poll.
+    let api2 = api.clone();
+    let t = std::thread::spawn(move || {
+        let r: SyncResponse = api2
+            .post(
+                "/sync",
+                &[("wait", "30000")],
+                sync_body(&[("new", Pos::ZERO)]),
+            )
+            .ok()
+            .json();
+        r
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    Model::new(512).commit(&api, "new", 1, &[(1, page(512, 1))]);
+    assert!(t.join().unwrap().changes["new"].drops_all());
+}
+
+#[test]
+fn lease_lifecycle() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let lease: Lease = api
+        .post("/lease", &[("db", "l"), ("duration", "5000")], vec![])
+        .ok()
+        .json();
+    assert!(lease.expires_at > time::OffsetDateTime::now_utc());
+    let raw = api.post("/lease", &[("db", "other")], vec![]).ok().text();
+    assert!(
+        raw.contains("\"expires_at\":\"") && raw.contains("\"id\":\""),
+        "{raw}"
+    );
+    assert_eq!(
+        api.pos("l"),
+        Some(Pos::ZERO),
+        "a lease creates the database at the zero pos"
+    );
+    api.post("/lease", &[("db", "l")], vec![])
+        .err(409, "ELEASEEXISTS");
+    let refreshed: Lease = api
+        .post(
+            "/lease",
+            &[("db", "l"), ("id", &lease.id), ("duration", "5000")],
+            vec![],
+        )
+        .ok()
+        .json();
+    assert_eq!(refreshed.id, lease.id);
+    api.post("/lease", &[("db", "l"), ("id", "someone-else")], vec![])
+        .err(422, "ELEASEMISMATCH");
+    api.delete("/lease", &[("db", "l"), ("id", "someone-else")])
+        .err(422, "ELEASEMISMATCH");
+    // Transactions: the live lease, a wrong lease, no lease header.
+    let m = Model::new(512);
+    let (bytes, next) = m.tx(1, &[(1, page(512, 1))]);
+    let with = |id: &str| {
+        api.send(
+            api.req(reqwest::Method::POST, "/db/tx", &[("db", "l")])
+                .header("Lfsc-Lease-Id", id)
+                .body(bytes.clone()),
+        )
+    };
+    with("someone-else").err(422, "ELEASEMISMATCH");
+    api.tx("l", bytes.clone()).err(409, "ELEASEEXISTS");
+    with(&lease.id).ok();
+    assert_eq!(api.pos("l"), Some(next.pos));
+    api.delete("/lease", &[("db", "l"), ("id", &lease.id)]).ok();
+    api.delete("/lease", &[("db", "l"), ("id", &lease.id)])
+        .err(404, "ENOLEASE");
+    api.post("/lease", &[("db", "l"), ("id", &lease.id)], vec![])
+        .err(404, "ENOLEASE");
+    let (b2, _) = next.tx(1, &[(1, page(512, 2))]);
+    api.send(
+        api.req(reqwest::Method::POST, "/db/tx", &[("db", "l")])
+            .header("Lfsc-Lease-Id", &lease.id)
+            .body(b2.clone()),
+    )
+    .err(404, "ENOLEASE");
+    api.tx("l", b2).ok();
+    // Expiry frees the database; bounds on duration.
+    let short: Lease = api
+        .post("/lease", &[("db", "e"), ("duration", "100")], vec![])
+        .ok()
+        .json();
+    std::thread::sleep(Duration::from_millis(400));
+    api.post("/lease", &[("db", "e"), ("id", &short.id)], vec![])
+        .err(404, "ENOLEASE");
+    api.post("/lease", &[("db", "e")], vec![]).ok();
+    for bad in ["99", "600001", "x", "-5"] {
+        api.post("/lease", &[("db", "f"), ("duration", bad)], vec![])
+            .err(400, "EBADINPUT");
+    }
+    api.delete("/lease", &[("db", "f")]).err(400, "EBADINPUT");
+}
+
+/// Runs `f` on `n` threads released together; returns the statuses.
+fn race(n: usize, f: impl Fn(usize) -> u16 + Send + Sync + 'static) -> Vec<u16> {
+    let barrier = Arc::new(Barrier::new(n));
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (b, f) = (barrier.clone(), f.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                f(i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn lease_race_has_one_winner() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    for round in 0..3 {
+        let db = format!("race{round}");
+        let a = api.clone();
+        let statuses = race(16, move |_| {
+            a.post("/lease", &[("db", &db), ("duration", "10000")], vec![])
+                .status
+        });
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "{statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 409),
+            "{statuses:?}"
+        );
+    }
+}
+
+#[test]
+fn tx_race_at_one_position_has_one_winner() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(&api, "r", 2, &[(1, page(512, 1)), (2, page(512, 2))]);
+    for round in 0..3u8 {
+        let files: Vec<(Vec<u8>, Model)> = (0..16u8)
+            .map(|i| m.tx(2, &[(2, page(512, 100 + i + round))]))
+            .collect();
+        let bodies: Vec<Vec<u8>> = files.iter().map(|(b, _)| b.clone()).collect();
+        let a = api.clone();
+        let statuses = race(16, move |i| a.tx("r", bodies[i].clone()).status);
+        let winners: Vec<usize> = (0..16).filter(|i| statuses[*i] == 200).collect();
+        assert_eq!(winners.len(), 1, "{statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 409),
+            "{statuses:?}"
+        );
+        m = files[winners[0]].1.clone();
+        assert_eq!(api.pos("r"), Some(m.pos));
+        assert_eq!(api.snapshot("r").pages[1].1, m.pages[&2]);
+    }
+}
+
+#[test]
+fn snapshots_at_positions_and_restore() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    let mut history = Vec::new();
+    for i in 1..=4u8 {
+        let mut changes = vec![(1, page(512, 10 + i))];
+        if i > 1 {
+            changes.push((u32::from(i), page(512, i)));
+        }
+        m.commit(&api, "h", u32::from(i), &changes);
+        history.push(m.clone());
+    }
+    let at = |txid: &str| api.get("/db/snapshot", &[("db", "h"), ("txid", txid)]);
+    let snap = ltx::decode(&at("0000000000000002").ok().body).unwrap();
+    assert_eq!((snap.header.max_txid, snap.header.commit), (2, 2));
+    assert_eq!(snap.trailer.post_apply_checksum, history[1].pos.checksum.0);
+    at("0000000000000009").err(404, "ENOTXID");
+    at("2").err(400, "EBADINPUT");
+    let sqlite = api
+        .get("/db/snapshot", &[("db", "h"), ("format", "sqlite")])
+        .ok();
+    assert_eq!(sqlite.body, m.image());
+    assert_eq!(sqlite.header("Litevfs-Pos"), Some(m.pos.to_string()));
+    // Restore to TXID 2: a new transaction 5 with TXID 2's content.
+    let r: TxidResponse = api
+        .post(
+            "/db/restore",
+            &[("db", "h"), ("txid", "0000000000000002")],
+            vec![],
+        )
+        .ok()
+        .json();
+    assert_eq!(r.txid.0, 5);
+    let restored = api.snapshot("h");
+    assert_eq!(restored.header.max_txid, 5);
+    assert_eq!(
+        restored.trailer.post_apply_checksum,
+        history[1].pos.checksum.0
+    );
+    let page_now: Changes = db_sync(&api, "h", Some(m.pos), None);
+    assert_eq!(
+        page_now.pgnos,
+        Some(vec![1, 3, 4]),
+        "changed and truncated pages listed"
+    );
+    let head: TxidResponse = api
+        .post(
+            "/db/restore",
+            &[("db", "h"), ("txid", "0000000000000005")],
+            vec![],
+        )
+        .ok()
+        .json();
+    assert_eq!(head.txid.0, 5);
+    api.post(
+        "/db/restore",
+        &[("db", "h"), ("txid", "0000000000000006")],
+        vec![],
+    )
+    .err(404, "ENOTXID");
+    api.post("/db/restore", &[("db", "h")], vec![])
+        .err(400, "EBADINPUT");
+    let both = [
+        ("db", "h"),
+        ("txid", "0000000000000001"),
+        ("timestamp", "2024-01-01T00:00:00Z"),
+    ];
+    api.post("/db/restore", &both, vec![]).err(400, "EBADINPUT");
+    api.post(
+        "/db/restore",
+        &[("db", "h"), ("timestamp", "yesterday")],
+        vec![],
+    )
+    .err(400, "EBADINPUT");
+    api.post(
+        "/db/restore",
+        &[("db", "h"), ("timestamp", "2001-01-01T00:00:00Z")],
+        vec![],
+    )
+    .err(404, "ENOTIMESTAMP");
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let same: TxidResponse = api
+        .post("/db/restore", &[("db", "h"), ("timestamp", &now)], vec![])
+        .ok()
+        .json();
+    assert_eq!(same.txid.0, 5);
+    api.post(
+        "/db/restore",
+        &[("db", "zz"), ("txid", "0000000000000001")],
+        vec![],
+    )
+    .err(404, "ENODB");
+    // A database with a lease but no data has no snapshot.
+    api.post("/lease", &[("db", "empty")], vec![]).ok();
+    api.get("/db/snapshot", &[("db", "empty")])
+        .err(404, "ENOTXID");
+    // Delete.
+    api.delete("/db", &[("db", "h")]).ok();
+    assert_eq!(api.pos("h"), None);
+    api.delete("/db", &[("db", "h")]).err(404, "ENODB");
+    api.get("/db/snapshot", &[("db", "h")]).err(404, "ENODB");
+}
+
+fn sqlite3(args: &[&str]) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .args(args)
+        .output()
+        .expect("sqlite3 shell");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn upload_round_trip_is_byte_identical() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.db");
+    {
+        let conn = rusqlite::Connection::open(&src).unwrap();
+        conn.execute_batch(
+            "PRAGMA page_size=1024; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+             CREATE INDEX t_v ON t(v);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 2000)
+             INSERT INTO t(v) SELECT printf('row %d %s', i, hex(randomblob(20))) FROM n;",
+        )
+        .unwrap();
+    }
+    let bytes = std::fs::read(&src).unwrap();
+    let r: TxidResponse = api
+        .post("/db/upload", &[("db", "up")], bytes.clone())
+        .ok()
+        .json();
+    assert_eq!(r.txid.0, 1);
+    let out = api
+        .get("/db/snapshot", &[("db", "up"), ("format", "sqlite")])
+        .ok()
+        .body;
+    assert_eq!(out.len(), bytes.len());
+    assert!(out == bytes, "exported file differs from the upload");
+    let dst = dir.path().join("dst.db");
+    std::fs::write(&dst, &out).unwrap();
+    assert_eq!(
+        sqlite3(&[dst.to_str().unwrap(), "PRAGMA integrity_check"]),
+        "ok"
+    );
+    assert_eq!(
+        sqlite3(&[dst.to_str().unwrap(), "SELECT count(*) FROM t"]),
+        "2000"
+    );
+    // The LTX snapshot verifies, pages are readable at the new position, re-upload appends.
+    let snap = api.snapshot("up");
+    assert_eq!(snap.header.page_size, 1024);
+    let pos = api.pos("up").unwrap();
+    let first: litevfs::wire::PagesResponse = api
+        .get(
+            "/db/page",
+            &[("db", "up"), ("pos", &pos.to_string()), ("pgno", "1")],
+        )
+        .ok()
+        .json();
+    assert_eq!(first.pages[0].data, bytes[..1024]);
+    let again: TxidResponse = api
+        .post("/db/upload", &[("db", "up")], bytes.clone())
+        .ok()
+        .json();
+    assert_eq!(again.txid.0, 2);
+    assert_eq!(
+        db_sync(&api, "up", Some(pos), None).pgnos,
+        Some(vec![]),
+        "identical pages not rewritten"
+    );
+    // Garbage and page size mismatch.
+    api.post("/db/upload", &[("db", "up")], b"hello".to_vec())
+        .err(422, "EBADHEADER");
+    api.post("/db/upload", &[("db", "bad")], vec![0; 4096])
+        .err(422, "EBADHEADER");
+    let mut odd = bytes.clone();
+    odd.truncate(bytes.len() - 10);
+    api.post("/db/upload", &[("db", "up")], odd)
+        .err(422, "EBADHEADER");
+    let mut other = vec![0u8; 4096];
+    other[..100].copy_from_slice(&bytes[..100]);
+    other[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    api.post("/db/upload", &[("db", "up")], other)
+        .err(422, "EBADHEADER");
+    assert_eq!(api.pos("up").unwrap().txid.0, 2);
+}
+
+#[test]
+fn upload_of_large_file_is_spooled() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.db");
+    let p = src.to_str().unwrap();
+    sqlite3(&[
+        p,
+        "CREATE TABLE b(x BLOB); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 3000) INSERT INTO b SELECT randomblob(4000) FROM n;",
+    ]);
+    let bytes = std::fs::read(&src).unwrap();
+    assert!(bytes.len() > 9 << 20);
+    api.post("/db/upload", &[("db", "big")], bytes.clone()).ok();
+    let out = api
+        .get("/db/snapshot", &[("db", "big"), ("format", "sqlite")])
+        .ok()
+        .body;
+    assert!(out == bytes);
+}
+
+fn metric(api: &Api, name: &str) -> u64 {
+    let text = api.get("/metrics", &[]).ok().text();
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.parse().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn retention_compacts_history() {
+    let s = Server::start(&["--retention", "1s"]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(
+        &api,
+        "g",
+        4,
+        &(1..=4).map(|p| (p, page(512, p as u8))).collect::<Vec<_>>(),
+    );
+    let first = m.pos;
+    for i in 0..150u32 {
+        m.commit(
+            &api,
+            "g",
+            4,
+            &[
+                (1 + i % 2, page(512, (i % 250) as u8)),
+                (3, page(512, i as u8 ^ 0x55)),
+            ],
+        );
+    }
+    assert!(metric(&api, "litevfs_commit_pages_total") >= 300);
+    // Passes run every retention/2 = 500 ms; the fourth pass from now starts more than the
+    // retention after the last commit, so it compacts everything but the current image.
+    let passes = metric(&api, "litevfs_compactions_total");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&api, "litevfs_compactions_total") < passes + 4 {
+        assert!(Instant::now() < deadline, "compaction does not run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric(&api, "litevfs_page_versions"),
+        4,
+        "one version per page left"
+    );
+    assert!(metric(&api, "litevfs_compacted_page_versions_total") >= 300);
+    let e = api
+        .get(
+            "/db/page",
+            &[("db", "g"), ("pos", &first.to_string()), ("pgno", "1")],
+        )
+        .err(409, "EPOSMISMATCH");
+    assert_eq!(e.pos, Some(m.pos));
+    assert!(db_sync(&api, "g", Some(first), None).drops_all());
+    let snap = api.snapshot("g");
+    assert_eq!(snap.trailer.post_apply_checksum, m.checksum());
+    let pages: litevfs::wire::PagesResponse = api
+        .get(
+            "/db/page",
+            &[
+                ("db", "g"),
+                ("pos", &m.pos.to_string()),
+                ("pgno", "1,2,3,4"),
+            ],
+        )
+        .ok()
+        .json();
+    for p in pages.pages {
+        assert_eq!(p.data, m.pages[&p.pgno]);
+    }
+    // Restoring to a compacted position is refused; writing continues normally.
+    api.post(
+        "/db/restore",
+        &[("db", "g"), ("txid", &first.txid.to_string())],
+        vec![],
+    )
+    .err(404, "ENOTXID");
+    m.commit(&api, "g", 2, &[(1, page(512, 1))]);
+}

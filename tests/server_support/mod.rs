@@ -1,0 +1,304 @@
+//! Helpers for the page-store tests: spawn the real `litevfs serve` on loopback, talk HTTP to
+//! it, and build LTX files against a model of the database.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use litevfs::ltx::{self, EMPTY_CHECKSUM, checksum_xor, lock_page, page_checksum};
+use litevfs::wire::{ErrorBody, Pos};
+use reqwest::Method;
+use reqwest::blocking::{Client, RequestBuilder};
+
+/// A running `litevfs serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    pub base: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server on a fresh temporary data directory.
+    pub fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = Server::start_in(&tmp.path().join("data"), extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on `dir` (kept after the server stops).
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(dir).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_litevfs"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("LITEVFS_TOKENS")
+            .env_remove("LITEVFS_TOKENS_FILE")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn litevfs serve");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read ready line");
+        let base = line
+            .trim()
+            .strip_prefix("litevfs serve: listening on ")
+            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+            .to_string();
+        Server {
+            child,
+            _stdout: stdout,
+            base,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9, and wait for the process to be gone.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Anonymous client.
+    pub fn api(&self) -> Api {
+        Api::new(&self.base, None)
+    }
+
+    /// Client sending `token` in `Authorization`.
+    pub fn api_with(&self, token: &str) -> Api {
+        Api::new(&self.base, Some(token.to_string()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reply, fully read.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ascii header").to_string())
+    }
+
+    /// Asserts success and returns self.
+    pub fn ok(self) -> Resp {
+        assert_eq!(
+            self.status,
+            200,
+            "expected 200, got {}: {}",
+            self.status,
+            self.text()
+        );
+        self
+    }
+
+    /// Asserts an error reply with this status and code; returns the body.
+    pub fn err(&self, status: u16, code: &str) -> ErrorBody {
+        assert_eq!(self.status, status, "status for {code}: {}", self.text());
+        let e: ErrorBody = self.json();
+        assert_eq!(e.code, code, "{}", self.text());
+        assert!(!e.error.is_empty());
+        e
+    }
+}
+
+/// A blocking HTTP client of one server.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    token: Option<String>,
+    http: Client,
+}
+
+impl Api {
+    pub fn new(base: &str, token: Option<String>) -> Api {
+        let http = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client");
+        Api {
+            base: base.to_string(),
+            token,
+            http,
+        }
+    }
+
+    pub fn req(&self, method: Method, path: &str, q: &[(&str, &str)]) -> RequestBuilder {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .query(q);
+        if let Some(t) = &self.token {
+            rb = rb.header("Authorization", t);
+        }
+        rb
+    }
+
+    pub fn send(&self, rb: RequestBuilder) -> Resp {
+        self.try_send(rb).expect("HTTP request")
+    }
+
+    /// Like [`Api::send`], but a transport failure (server gone) is an `Err`.
+    pub fn try_send(&self, rb: RequestBuilder) -> reqwest::Result<Resp> {
+        let r = rb.send()?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes()?.to_vec();
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn get(&self, path: &str, q: &[(&str, &str)]) -> Resp {
+        self.send(self.req(Method::GET, path, q))
+    }
+
+    pub fn post(&self, path: &str, q: &[(&str, &str)], body: Vec<u8>) -> Resp {
+        self.send(self.req(Method::POST, path, q).body(body))
+    }
+
+    pub fn delete(&self, path: &str, q: &[(&str, &str)]) -> Resp {
+        self.send(self.req(Method::DELETE, path, q))
+    }
+
+    pub fn tx(&self, db: &str, ltx: Vec<u8>) -> Resp {
+        self.post("/db/tx", &[("db", db)], ltx)
+    }
+
+    pub fn positions(&self) -> BTreeMap<String, Pos> {
+        self.get("/pos", &[]).ok().json()
+    }
+
+    pub fn pos(&self, db: &str) -> Option<Pos> {
+        self.positions().get(db).copied()
+    }
+
+    pub fn snapshot(&self, db: &str) -> ltx::File {
+        let r = self.get("/db/snapshot", &[("db", db)]).ok();
+        ltx::decode(&r.body).expect("snapshot decodes and verifies")
+    }
+}
+
+/// A page filled with one byte.
+pub fn page(ps: u32, byte: u8) -> Vec<u8> {
+    vec![byte; ps as usize]
+}
+
+/// The database as the client believes it is; builds the LTX of each change.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub page_size: u32,
+    pub commit: u32,
+    pub pages: BTreeMap<u32, Vec<u8>>,
+    pub pos: Pos,
+}
+
+impl Model {
+    pub fn new(page_size: u32) -> Model {
+        Model {
+            page_size,
+            commit: 0,
+            pages: BTreeMap::new(),
+            pos: Pos::ZERO,
+        }
+    }
+
+    pub fn checksum(&self) -> u64 {
+        let lock = lock_page(self.page_size);
+        self.pages
+            .iter()
+            .filter(|(p, _)| **p <= self.commit && **p != lock)
+            .fold(EMPTY_CHECKSUM, |c, (p, d)| {
+                checksum_xor(c, page_checksum(*p, d))
+            })
+    }
+
+    /// The LTX of one transaction writing `changes` and setting the size to `commit`, and the
+    /// model after it (adopt it only if the server accepts the file).
+    pub fn tx(&self, commit: u32, changes: &[(u32, Vec<u8>)]) -> (Vec<u8>, Model) {
+        let mut next = self.clone();
+        for (p, d) in changes {
+            next.pages.insert(*p, d.clone());
+        }
+        next.commit = commit;
+        next.pages.retain(|p, _| *p <= commit);
+        let txid = self.pos.txid.0 + 1;
+        let pre = if txid == 1 { 0 } else { self.pos.checksum.0 };
+        let hdr = ltx::Header::new(self.page_size, commit, txid, txid, pre);
+        let mut sorted: Vec<(u32, &[u8])> =
+            changes.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+        sorted.sort_by_key(|(p, _)| *p);
+        let post = next.checksum();
+        next.pos = Pos::new(txid, post);
+        (ltx::encode(&hdr, &sorted, post).expect("encode"), next)
+    }
+
+    /// Writes `changes` through `api` and adopts the result; panics unless accepted.
+    pub fn commit(&mut self, api: &Api, db: &str, commit: u32, changes: &[(u32, Vec<u8>)]) {
+        let (bytes, next) = self.tx(commit, changes);
+        api.tx(db, bytes).ok();
+        *self = next;
+    }
+
+    /// The image as a SQLite-file-like byte string (pages 1..=commit).
+    pub fn image(&self) -> Vec<u8> {
+        (1..=self.commit)
+            .flat_map(|p| {
+                self.pages
+                    .get(&p)
+                    .cloned()
+                    .unwrap_or_else(|| page(self.page_size, 0))
+            })
+            .collect()
+    }
+}
+
+/// The spec's test vectors.
+pub fn vector(name: &str) -> Vec<u8> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/spec/vectors/");
+    std::fs::read(format!("{path}{name}")).unwrap_or_else(|e| panic!("vector {name}: {e}"))
+}
