@@ -22,6 +22,9 @@ pub fn lookup_metric(delay: u64) -> String {
 pub fn requests_metric(delay: u64) -> String {
     format!("  point lookup: requests (server), delay {delay} ms")
 }
+pub fn page_requests_metric(delay: u64) -> String {
+    format!("  point lookup: page requests (GET /db/page), delay {delay} ms")
+}
 pub fn download_metric(delay: u64) -> String {
     format!("full download (GET /db/snapshot), delay {delay} ms")
 }
@@ -31,10 +34,13 @@ pub fn download_metric(delay: u64) -> String {
 struct Cost {
     ms: Vec<f64>,
     requests: Vec<f64>,
+    page_requests: Vec<f64>,
     pages: Vec<f64>,
     kib: Vec<f64>,
     vfs_requests: Vec<f64>,
     hwm_kb: Vec<f64>,
+    /// Requests by route of the first repetition.
+    routes: String,
 }
 
 pub fn run(
@@ -83,6 +89,16 @@ pub fn run(
         one(look.ms.clone()),
     );
     cost_rows(rep, "point lookup", delay, &look, true);
+    if !look.routes.is_empty() {
+        rep.notes.push(format!(
+            "workload 2, delay {delay} ms: requests of a cold point lookup by route: {}",
+            look.routes
+        ));
+        rep.notes.push(format!(
+            "workload 2, delay {delay} ms: requests of a cold range query by route: {}",
+            range.routes
+        ));
+    }
     rep.row(
         NAME,
         &format!("first range query (100 rows), delay {delay} ms"),
@@ -126,6 +142,8 @@ fn cost_rows(rep: &mut Report, what: &str, delay: u64, c: &Cost, primary: bool) 
         format!("  {what}: requests (server), delay {delay} ms")
     };
     rep.row(NAME, &req, "count", None, one(&c.requests));
+    let page_req = format!("  {what}: page requests (GET /db/page), delay {delay} ms");
+    rep.row(NAME, &page_req, "count", None, one(&c.page_requests));
     rep.row(
         NAME,
         &format!("  {what}: pages fetched (server), delay {delay} ms"),
@@ -174,6 +192,11 @@ fn litevfs_once(
     let stats: Option<Reply> = s.cmd("pragma litevfs_cache_stats").ok();
     c.ms.push(open.num("open_ms")? + r.num("ms")?);
     c.requests.push(m1.requests - m0.requests);
+    let page_reqs = |m: &super::ctx::Metrics| m.routes.get("GET /db/page").copied().unwrap_or(0.0);
+    c.page_requests.push(page_reqs(&m1) - page_reqs(&m0));
+    if c.routes.is_empty() {
+        c.routes = m1.routes_since(&m0);
+    }
     c.pages.push(m1.pages - m0.pages);
     c.kib.push((m1.bytes - m0.bytes) / 1024.0);
     if let Some(v) = stats.and_then(|st| st.find_num(&["request", "req"])) {

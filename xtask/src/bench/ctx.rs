@@ -248,6 +248,10 @@ pub fn machine(work: &Path) -> Vec<(String, String)> {
             read("/proc/sys/kernel/osrelease").trim().to_string(),
         ),
         ("temp_fs".to_string(), disk),
+        (
+            "loadavg_at_start".to_string(),
+            read("/proc/loadavg").trim().to_string(),
+        ),
     ];
     if let Ok(v) = output_checked(Command::new("rustc").arg("--version"), "rustc") {
         m.push(("rustc".to_string(), v.trim().to_string()));
@@ -256,12 +260,28 @@ pub fn machine(work: &Path) -> Vec<(String, String)> {
 }
 
 /// Counters of the page store, from `GET /metrics` (Prometheus text).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Metrics {
     /// HTTP requests answered, all routes but `/metrics`.
     pub requests: f64,
     pub pages: f64,
     pub bytes: f64,
+    /// Requests by `METHOD route`, all routes but `/metrics`.
+    pub routes: std::collections::BTreeMap<String, f64>,
+}
+
+impl Metrics {
+    /// Requests per route made between `before` and `self`, as `GET /pos 1, GET /db/page 4`.
+    pub fn routes_since(&self, before: &Metrics) -> String {
+        let mut parts = vec![];
+        for (route, n) in &self.routes {
+            let d = n - before.routes.get(route).copied().unwrap_or(0.0);
+            if d > 0.0 {
+                parts.push(format!("{route} {d}"));
+            }
+        }
+        parts.join(", ")
+    }
 }
 
 /// Reads the page store's counters with a minimal std-only HTTP/1.1 GET.
@@ -287,6 +307,16 @@ pub fn metrics(url: &str) -> Result<Metrics, Error> {
     Ok(parse_metrics(body))
 }
 
+/// The value of label `key` in a Prometheus series name.
+fn label<'a>(series: &'a str, key: &str) -> &'a str {
+    let pat = format!("{key}=\"");
+    series
+        .split_once(pat.as_str())
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(v, _)| v)
+        .unwrap_or("?")
+}
+
 fn parse_metrics(body: &str) -> Metrics {
     let mut m = Metrics::default();
     for line in body.lines().filter(|l| !l.starts_with('#')) {
@@ -296,6 +326,13 @@ fn parse_metrics(body: &str) -> Metrics {
         let v: f64 = v.parse().unwrap_or(0.0);
         if name.starts_with("litevfs_http_requests_total") && !name.contains("route=\"/metrics\"") {
             m.requests += v;
+            *m.routes
+                .entry(format!(
+                    "{} {}",
+                    label(name, "method"),
+                    label(name, "route")
+                ))
+                .or_default() += v;
         } else if name == "litevfs_pages_served_total" {
             m.pages = v;
         } else if name == "litevfs_page_bytes_served_total" {
@@ -316,5 +353,9 @@ mod tests {
              litevfs_pages_served_total 12\nlitevfs_page_bytes_served_total 49152\n",
         );
         assert_eq!((m.requests, m.pages, m.bytes), (4.0, 12.0, 49152.0));
+        assert_eq!(
+            m.routes_since(&super::Metrics::default()),
+            "GET /db/page 3, GET /pos 1"
+        );
     }
 }

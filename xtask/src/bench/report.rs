@@ -79,6 +79,13 @@ impl Report {
             .find(|r| r.workload == workload && r.metric.starts_with(metric))
     }
 
+    /// The rows grouped by workload number, in the order measured within a workload.
+    fn sorted_rows(&self) -> Vec<&Row> {
+        let mut rows: Vec<&Row> = self.rows.iter().collect();
+        rows.sort_by_key(|r| r.workload);
+        rows
+    }
+
     /// The results table, the targets and the failures, as printed at the end of a run.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -99,7 +106,7 @@ impl Report {
             "litevfs: median [min..max]",
             "lv/plain"
         );
-        for r in &self.rows {
+        for r in self.sorted_rows() {
             let ratio = r
                 .ratio()
                 .map(|x| format!("{x:.2}x"))
@@ -140,7 +147,7 @@ impl Report {
         let _ = writeln!(o, "  \"duration_s\": {},", num(self.duration_s));
         let _ = writeln!(o, "  \"machine\": {},", obj(&self.machine));
         let _ = writeln!(o, "  \"params\": {},", obj(&self.params));
-        let rows: Vec<String> = self.rows.iter().map(row_json).collect();
+        let rows: Vec<String> = self.sorted_rows().into_iter().map(row_json).collect();
         let _ = writeln!(o, "  \"results\": [\n    {}\n  ],", rows.join(",\n    "));
         let targets: Vec<String> = self
             .targets

@@ -46,13 +46,21 @@ pub fn evaluate(rep: &mut Report, f: &Facts) {
 
     let limit = f.big_depth + 1;
     let reqs = [0, f.delay_ms].map(|d| lv_max(rep, cold::NAME, &cold::requests_metric(d)));
+    let pages = [0, f.delay_ms].map(|d| lv_max(rep, cold::NAME, &cold::page_requests_metric(d)));
     let t = match reqs {
         [Some(a), Some(b)] => {
             let worst = a.max(b);
+            let page = pages
+                .iter()
+                .flatten()
+                .copied()
+                .reduce(f64::max)
+                .unwrap_or(f64::NAN);
             (
                 Some(worst <= limit as f64),
                 format!(
-                    "at most {worst:.0} requests per cold point lookup (b-tree depth {} + 1 = {limit})",
+                    "up to {worst:.0} requests per cold point lookup, {page:.0} of them page fetches \
+                     (b-tree depth {} + 1 = {limit}); requests by route are in the notes",
                     f.big_depth
                 ),
             )
