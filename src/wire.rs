@@ -607,3 +607,42 @@ mod tests {
         assert!(decode_page_frames(&body[..body.len() - 1]).is_err());
     }
 }
+
+/// Response header of `GET /db/page` (our extension, optional): the LTX page checksum
+/// (`crate::ltx::page_checksum`) of every returned page, as comma-separated `pgno:16hex` pairs.
+/// A client that finds it verifies each page before caching it; servers that do not send it
+/// stay compatible.
+pub const HEADER_PAGE_CHECKSUMS: &str = "Litevfs-Page-Checksums";
+
+/// Formats the value of [`HEADER_PAGE_CHECKSUMS`].
+pub fn encode_page_checksums(pages: impl IntoIterator<Item = (u32, u64)>) -> String {
+    pages.into_iter().map(|(p, c)| format!("{p}:{}", Checksum(c))).collect::<Vec<_>>().join(",")
+}
+
+/// Parses the value of [`HEADER_PAGE_CHECKSUMS`].
+pub fn parse_page_checksums(s: &str) -> Result<BTreeMap<u32, Checksum>, ParseError> {
+    let bad = || ParseError::Hex(s.chars().take(64).collect());
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (p, c) = e.split_once(':').ok_or_else(bad)?;
+            Ok((p.parse().map_err(|_| bad())?, c.parse()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod page_checksum_header_tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let v = encode_page_checksums([(1, 0x8000000000000001), (42, 0xc24e177cdfeaa333)]);
+        assert_eq!(v, "1:8000000000000001,42:c24e177cdfeaa333");
+        let m = parse_page_checksums(&v).unwrap();
+        assert_eq!(m[&42], Checksum(0xc24e177cdfeaa333));
+        assert!(parse_page_checksums("1:xyz").is_err());
+        assert!(parse_page_checksums("").unwrap().is_empty());
+    }
+}

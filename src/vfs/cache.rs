@@ -84,7 +84,7 @@ impl Cache {
             .write(true)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
-        if lock.try_lock().is_err() {
+        if !try_lock(&lock) {
             return Ok(None);
         }
         let data_path = dir.join(format!("{name}.pages"));
@@ -392,6 +392,13 @@ impl Cache {
         self.free = (0..self.next_slot).filter(|s| !used.contains(s)).collect();
         Some(())
     }
+}
+
+/// Takes an exclusive advisory lock on `f` without waiting; false if another holds it.
+fn try_lock(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor belongs to `f`, which outlives the call.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Free bytes available to unprivileged users on the file system holding `dir`.

@@ -65,6 +65,9 @@ impl ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// Page checksums the store sent with a `GET /db/page` reply, by page number.
+pub type PageChecksums = BTreeMap<u32, wire::Checksum>;
+
 /// The page-store client; one per process, shared by every database.
 pub struct Client {
     http: Http,
@@ -216,8 +219,14 @@ impl Client {
     }
 
     /// `GET /db/page`: pages at `pos`; the first of `pgnos` is the one needed, the rest are
-    /// prefetch hints the store may omit. Asks for binary frames, accepts JSON.
-    pub fn pages(&self, db: &str, pos: Pos, pgnos: &[u32]) -> Result<Vec<Page>> {
+    /// prefetch hints the store may omit. Asks for binary frames, accepts JSON. Returns the
+    /// page checksums too when the store sends [`wire::HEADER_PAGE_CHECKSUMS`].
+    pub fn pages(
+        &self,
+        db: &str,
+        pos: Pos,
+        pgnos: &[u32],
+    ) -> Result<(Vec<Page>, Option<PageChecksums>)> {
         let list = pgnos
             .iter()
             .map(u32::to_string)
@@ -235,6 +244,18 @@ impl Client {
                 format!("{MEDIA_PAGE_FRAMES}, application/json;q=0.5"),
             );
         let resp = self.send(rb)?;
+        let checksums = match resp.headers().get(wire::HEADER_PAGE_CHECKSUMS) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| wire::parse_page_checksums(v).ok())
+                    .ok_or_else(|| ClientError::BadResponse {
+                        host: self.host.clone(),
+                        detail: format!("malformed {} header", wire::HEADER_PAGE_CHECKSUMS),
+                    })?,
+            ),
+        };
         let binary = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -242,12 +263,14 @@ impl Client {
             .is_some_and(|v| v.starts_with(MEDIA_PAGE_FRAMES));
         if binary {
             let bytes = resp.bytes().map_err(|e| self.unreachable(e))?;
-            return wire::decode_page_frames(&bytes).map_err(|detail| ClientError::BadResponse {
-                host: self.host.clone(),
-                detail,
-            });
+            let pages =
+                wire::decode_page_frames(&bytes).map_err(|detail| ClientError::BadResponse {
+                    host: self.host.clone(),
+                    detail,
+                })?;
+            return Ok((pages, checksums));
         }
-        Ok(self.json::<PagesResponse>(resp)?.pages)
+        Ok((self.json::<PagesResponse>(resp)?.pages, checksums))
     }
 
     /// `POST /db/tx`: uploads one LTX file under the given lease.

@@ -150,10 +150,11 @@ impl Database {
     /// A connection closed its main file. The last one gives back the write lease.
     pub fn detach(&self) {
         if self.handles.fetch_sub(1, Relaxed) == 1 {
-            if self.lease.lock().is_some()
-                && let Err(e) = self.release_lease()
-            {
-                tracing::warn!(db = %self.name, "{e}");
+            let held = self.lease.lock().is_some();
+            if held {
+                if let Err(e) = self.release_lease() {
+                    tracing::warn!(db = %self.name, "{e}");
+                }
             }
             let mut st = self.state.lock();
             st.watched = false;
@@ -292,10 +293,11 @@ impl Database {
     }
 
     /// Fetches pages at `pos` in one request and checks what can be checked: the pages asked
-    /// for, one page long, and page 1 a SQLite header of that page size.
+    /// for, one page long, page 1 a SQLite header of that page size, and each page's checksum
+    /// when the store sends them.
     pub fn fetch(&self, pos: Pos, pgnos: &[u32]) -> Result<HashMap<u32, Vec<u8>>> {
         self.stats.requests.fetch_add(1, Relaxed);
-        let pages = self.client.pages(&self.name, pos, pgnos)?;
+        let (pages, checksums) = self.client.pages(&self.name, pos, pgnos)?;
         let mut out = HashMap::with_capacity(pages.len());
         for p in pages {
             self.stats.pages_fetched.fetch_add(1, Relaxed);
@@ -312,6 +314,15 @@ impl Database {
             }
             if !crate::ltx::valid_page_size(p.data.len() as u32) {
                 return Err(bad(format!("{} bytes long", p.data.len())));
+            }
+            if let Some(sums) = &checksums {
+                let want = sums
+                    .get(&p.pgno)
+                    .ok_or_else(|| bad("no checksum sent for it".into()))?;
+                let got = crate::ltx::page_checksum(p.pgno, &p.data);
+                if got != want.0 {
+                    return Err(bad(format!("checksum {got:016x}, the store says {want}")));
+                }
             }
             if p.pgno == 1 {
                 let h = DbHeader::parse(&p.data).map_err(|e| bad(e.to_string()))?;
@@ -388,11 +399,10 @@ impl Database {
     pub fn unlock(&self, me: ConnId, from: LockLevel, to: LockLevel) -> Result<()> {
         let mut st = self.state.lock();
         let mut result = Ok(());
-        if from >= LockLevel::Reserved && to <= LockLevel::Shared {
-            if st.write.as_ref().is_some_and(|w| w.owner == me) {
-                result = self.commit_locked(&mut st);
-                st.write = None;
-            }
+        let leaves_write = from >= LockLevel::Reserved && to <= LockLevel::Shared;
+        if leaves_write && st.write.as_ref().is_some_and(|w| w.owner == me) {
+            result = self.commit_locked(&mut st);
+            st.write = None;
         }
         st.locks.unlock(me, to);
         if st.locks.is_idle() {

@@ -23,7 +23,7 @@ impl Database {
             .write
             .as_mut()
             .filter(|w| w.owner == me)
-            .ok_or_else(|| Error::NoLease(name))?;
+            .ok_or(Error::NoLease(name))?;
         if w.page_size == 0 && offset == 0 && valid_page_size(data.len() as u32) {
             w.page_size = data.len() as u32;
         }
@@ -50,7 +50,7 @@ impl Database {
             .write
             .as_mut()
             .filter(|w| w.owner == me)
-            .ok_or_else(|| Error::NoLease(name))?;
+            .ok_or(Error::NoLease(name))?;
         if w.page_size == 0 {
             return Ok(());
         }

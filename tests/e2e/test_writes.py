@@ -155,3 +155,23 @@ def test_upload_failure_fails_the_commit_and_caches_nothing(server, agent):
     w.sql("f", "insert into t values (3)")
     assert w.sql("f", "select x from t order by x") == [[1], [3]]
     assert w.one("f", "pragma integrity_check") == "ok"
+
+
+def test_closing_the_last_connection_releases_the_lease(server, env, agent):
+    r = shell(".open file:rel?vfs=litevfs\npragma litevfs_acquire_lease;\ncreate table t(x);", env())
+    assert r.returncode == 0, r.stderr
+    b = agent()
+    b.sql("rel", "pragma litevfs_acquire_lease")
+    b.sql("rel", "insert into t values (1)")
+
+
+def test_connections_of_one_process_share_locks_and_position(server, agent):
+    a = agent()
+    a.sql("two", "pragma litevfs_acquire_lease")
+    a.sql("two", "create table t(x)")
+    a.sql("two", "begin immediate; insert into t values (1)")
+    # The reader (a second connection in the same process) sees the committed state only.
+    assert a.sql("two", "select count(*) from t", ro=True) == [[0]]
+    a.sql("two", "commit")
+    assert a.sql("two", "select count(*) from t", ro=True) == [[1]]
+    assert a.one("two", "pragma integrity_check", ro=True) == "ok"
