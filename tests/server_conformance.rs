@@ -540,3 +540,35 @@ fn refuses_anonymous_non_loopback_and_bad_flags() {
         assert!(!run(&args).status.success(), "{bad:?}");
     }
 }
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let (a, _, _) = vectors_abc();
+    api.tx("a", a).ok();
+    // A long-poll in flight must not hold the shutdown up.
+    let poller = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let body = br#"{"positions":{"a":{"txid":"0000000000000001","postApplyChecksum":"e4e4aaa102377eee"}}}"#;
+            api.try_send(
+                api.req(reqwest::Method::POST, "/sync", &[("wait", "30000")])
+                    .body(body.to_vec()),
+            )
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = s.wait();
+    assert!(exit.success(), "{exit:?}");
+    let r = poller
+        .join()
+        .unwrap()
+        .expect("long-poll answered before exit");
+    assert_eq!(r.status, 200);
+}

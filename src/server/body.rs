@@ -25,6 +25,10 @@ pub enum Spool {
 }
 
 impl Spool {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> u64 {
         match self {
             Spool::Memory(v) => v.len() as u64,

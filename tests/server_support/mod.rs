@@ -74,6 +74,11 @@ impl Server {
         self.child.id()
     }
 
+    /// Waits for the process to exit by itself.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for litevfs serve")
+    }
+
     /// kill -9, and wait for the process to be gone.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
