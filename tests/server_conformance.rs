@@ -261,6 +261,11 @@ fn pages_at_positions_json_and_frames() {
     // Old position, comma list: page 4 is past that position's end and is left out.
     let r = get(p1, &[("pgno", "2,1,4")]).ok();
     assert_eq!(r.header("Litevfs-Page-Size").as_deref(), Some("4096"));
+    let cks =
+        litevfs::wire::parse_page_checksums(&r.header("Litevfs-Page-Checksums").unwrap()).unwrap();
+    assert_eq!(cks.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(cks[&2].0, ltx::page_checksum(2, &page(4096, 2)));
+    assert_eq!(cks[&1].0, ltx::page_checksum(1, &page(4096, 1)));
     let pages: PagesResponse = r.json();
     let got: Vec<(u32, u8)> = pages.pages.iter().map(|p| (p.pgno, p.data[0])).collect();
     assert_eq!(got, vec![(2, 2), (1, 1)]);
@@ -278,6 +283,11 @@ fn pages_at_positions_json_and_frames() {
     let r = api.send(rb.header("Accept", MEDIA_PAGE_FRAMES)).ok();
     assert_eq!(r.header("content-type").as_deref(), Some(MEDIA_PAGE_FRAMES));
     let frames = decode_page_frames(&r.body).unwrap();
+    let cks =
+        litevfs::wire::parse_page_checksums(&r.header("Litevfs-Page-Checksums").unwrap()).unwrap();
+    for f in &frames {
+        assert_eq!(cks[&f.pgno].0, ltx::page_checksum(f.pgno, &f.data));
+    }
     assert_eq!(
         frames
             .iter()

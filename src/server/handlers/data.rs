@@ -2,7 +2,8 @@
 //!
 //! `/db/page` answers in JSON (base64 pages) or, when the client's `Accept` names
 //! [`MEDIA_PAGE_FRAMES`], in binary page frames (our extension). Both carry
-//! `Litevfs-Page-Size`.
+//! `Litevfs-Page-Size` and `Litevfs-Page-Checksums` (the stored LTX checksum of every page, so
+//! clients can verify pages before caching them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,8 +21,8 @@ use crate::server::body::spool;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::wire::{
-    ErrorCode, HEADER_HWM, HEADER_LEASE_ID, MEDIA_PAGE_FRAMES, Page, PagesResponse, Pos,
-    encode_page_frames,
+    ErrorCode, HEADER_HWM, HEADER_LEASE_ID, HEADER_PAGE_CHECKSUMS, MEDIA_PAGE_FRAMES, Page,
+    PagesResponse, Pos, encode_page_checksums, encode_page_frames,
 };
 
 /// Response header of `/db/page`: the page size at the requested position.
@@ -132,27 +133,26 @@ pub async fn get_page(
     let bytes: usize = got.pages.iter().map(|(_, d)| d.len()).sum();
     Metrics::add(&app.metrics.pages_served, got.pages.len() as u64);
     Metrics::add(&app.metrics.page_bytes_served, bytes as u64);
-    let page_size = HeaderValue::from(got.page_size);
+    let meta = [
+        (HEADER_PAGE_SIZE, HeaderValue::from(got.page_size)),
+        (
+            HEADER_PAGE_CHECKSUMS,
+            HeaderValue::from_str(&encode_page_checksums(got.checksums))
+                .map_err(ApiError::internal)?,
+        ),
+    ];
     if wants_frames(&headers) {
         let body = encode_page_frames(got.pages.iter().map(|(p, d)| (*p, d.as_slice())));
-        let ct = HeaderValue::from_static(MEDIA_PAGE_FRAMES);
-        return Ok((
-            [
-                (header::CONTENT_TYPE, ct),
-                (HEADER_PAGE_SIZE.parse().expect("valid"), page_size),
-            ],
-            body,
-        )
-            .into_response());
+        let ct = [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(MEDIA_PAGE_FRAMES),
+        )];
+        return Ok((ct, meta, body).into_response());
     }
     let pages = got
         .pages
         .into_iter()
         .map(|(pgno, data)| Page { pgno, data })
         .collect();
-    Ok((
-        [(HEADER_PAGE_SIZE, page_size)],
-        Json(PagesResponse { pages }),
-    )
-        .into_response())
+    Ok((meta, Json(PagesResponse { pages })).into_response())
 }

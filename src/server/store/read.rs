@@ -7,7 +7,7 @@
 use rusqlite::Connection;
 
 use super::{DbKey, Store, StoreError, StoreResult, TxnRow, find_db, head, page_version, txn_at};
-use crate::ltx::lock_page;
+use crate::ltx::{lock_page, page_checksum};
 use crate::wire::{Changes, Pos};
 
 /// Most page numbers listed in a change set before it becomes `all: true`.
@@ -18,6 +18,8 @@ const MAX_CHANGED_PGNOS: usize = 65_536;
 pub struct PagesAt {
     pub page_size: u32,
     pub pages: Vec<(u32, Vec<u8>)>,
+    /// The stored LTX page checksum of each returned page, in the same order.
+    pub checksums: Vec<(u32, u64)>,
 }
 
 /// The transaction a snapshot is built from.
@@ -35,9 +37,13 @@ impl Store {
             let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
             let txn = servable(tx, db_id, pos)?;
             let mut pages = Vec::with_capacity(pgnos.len());
+            let mut checksums = Vec::with_capacity(pgnos.len());
             for (i, &pgno) in pgnos.iter().enumerate() {
                 match read_page(tx, db_id, &txn, pgno)? {
-                    Some(data) => pages.push((pgno, data)),
+                    Some((ck, data)) => {
+                        pages.push((pgno, data));
+                        checksums.push((pgno, ck));
+                    }
                     None if i == 0 => return Err(StoreError::NoPage(pgno)),
                     None => {}
                 }
@@ -45,6 +51,7 @@ impl Store {
             Ok(PagesAt {
                 page_size: txn.page_size,
                 pages,
+                checksums,
             })
         })
     }
@@ -92,15 +99,22 @@ fn servable(tx: &Connection, db_id: i64, pos: Pos) -> StoreResult<TxnRow> {
     }
 }
 
-fn read_page(tx: &Connection, db_id: i64, txn: &TxnRow, pgno: u32) -> StoreResult<Option<Vec<u8>>> {
+/// The page (checksum, data) at `txn`, `None` past its commit size.
+fn read_page(
+    tx: &Connection,
+    db_id: i64,
+    txn: &TxnRow,
+    pgno: u32,
+) -> StoreResult<Option<(u64, Vec<u8>)>> {
     if pgno == 0 || pgno > txn.commit {
         return Ok(None);
     }
     if pgno == lock_page(txn.page_size) {
-        return Ok(Some(vec![0; txn.page_size as usize]));
+        let zeros = vec![0; txn.page_size as usize];
+        return Ok(Some((page_checksum(pgno, &zeros), zeros)));
     }
     match page_version(tx, db_id, pgno, txn.max_txid)? {
-        Some((_, data)) => Ok(Some(data)),
+        Some(v) => Ok(Some(v)),
         None => Err(StoreError::NoPrevPage(pgno)),
     }
 }
