@@ -62,7 +62,11 @@ pub struct Cache {
     free: Vec<u32>,
     next_slot: u32,
     index_dirty: bool,
+    last_persist: Option<std::time::Instant>,
 }
+
+/// How often [`Cache::persist_if_due`] writes the index at most.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
@@ -74,7 +78,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
 impl Cache {
     /// Opens (or creates) the cache of `name` in `dir`. With `persistent`, a valid index left
     /// by an earlier process is loaded; its pages are at [`Cache::pos`] and the caller must drop
-    /// what changed since. Returns `Ok(None)` when another process holds this cache.
+    /// what changed since. Without, `dir` must be private to this cache: it is removed at once
+    /// (the open files live on), so nothing is left behind, even after a kill -9. Returns
+    /// `Ok(None)` when another process holds this cache.
     pub fn open(dir: &Path, name: &str, persistent: bool) -> Result<Option<Cache>> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let lock_path = dir.join(format!("{name}.lock"));
@@ -108,7 +114,11 @@ impl Cache {
             free: Vec::new(),
             next_slot: 0,
             index_dirty: false,
+            last_persist: None,
         };
+        if !persistent {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if !persistent || !cache.load_index() {
             cache.clear()?;
         }
@@ -306,6 +316,18 @@ impl Cache {
         }
     }
 
+    /// [`Cache::persist`], at most every two seconds: an older index stays valid (its pages
+    /// are checked on read, and what changed since its position is dropped on the next start).
+    pub fn persist_if_due(&mut self) -> Result<()> {
+        if self
+            .last_persist
+            .is_some_and(|t| t.elapsed() < PERSIST_EVERY)
+        {
+            return Ok(());
+        }
+        self.persist()
+    }
+
     /// Writes the index (atomically, by rename) when it changed and the cache is persistent.
     pub fn persist(&mut self) -> Result<()> {
         if !self.persistent || !self.index_dirty {
@@ -338,6 +360,7 @@ impl Cache {
         };
         write().map_err(io_err(&path))?;
         self.index_dirty = false;
+        self.last_persist = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -427,7 +450,7 @@ mod tests {
     #[test]
     fn lru_eviction_keeps_page_one() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Cache::open(dir.path(), "db", false).unwrap().unwrap();
+        let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
         for p in 1..=5 {
             c.put(p, &page(p as u8), B).unwrap();
         }
@@ -478,6 +501,17 @@ mod tests {
         let mut buf = page(0);
         assert!(!c.get(2, &mut buf).unwrap());
         assert!(!c.contains(2));
+    }
+
+    #[test]
+    fn private_cache_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("p");
+        let mut c = Cache::open(&private, "db", false).unwrap().unwrap();
+        c.put(1, &page(1), B).unwrap();
+        let mut buf = page(0);
+        assert!(c.get(1, &mut buf).unwrap() && buf == page(1));
+        assert!(!private.exists());
     }
 
     #[test]

@@ -407,7 +407,7 @@ impl Database {
         st.locks.unlock(me, to);
         if st.locks.is_idle() {
             self.apply_pending(&mut st);
-            if st.pending.is_none() && st.cache.persist().is_err() {
+            if st.pending.is_none() && st.cache.persist_if_due().is_err() {
                 tracing::debug!(db = %self.name, "could not write the cache index");
             }
         }

@@ -50,8 +50,8 @@ use error::{Error, Op, Result};
 pub struct Litevfs {
     pub config: Config,
     pub client: Arc<Client>,
-    cache_root: PathBuf,
-    persistent: bool,
+    /// `LITEVFS_CACHE_DIR`; `None`: a private directory per database, removed once opened.
+    cache_root: Option<PathBuf>,
     databases: Mutex<HashMap<String, Arc<Database>>>,
     /// Rollback and super journals, by file name. Never on disk.
     pub journals: Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>,
@@ -62,15 +62,11 @@ pub struct Litevfs {
 impl Litevfs {
     pub fn new(config: Config) -> Result<Litevfs> {
         let client = Arc::new(Client::new(&config)?);
-        let (cache_root, persistent) = match &config.cache_dir {
-            Some(d) => (d.clone(), true),
-            None => (private_cache_dir()?, false),
-        };
+        let cache_root = config.cache_dir.clone();
         Ok(Litevfs {
             config,
             client,
             cache_root,
-            persistent,
             databases: Mutex::new(HashMap::new()),
             journals: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -94,8 +90,14 @@ impl Litevfs {
         if let Some(db) = dbs.get(name) {
             return Ok(db.clone());
         }
-        let cache = match Cache::open(&self.cache_root, name, self.persistent)? {
+        let shared = match &self.cache_root {
+            Some(root) => Cache::open(root, name, true)?,
+            None => None,
+        };
+        let cache = match shared {
             Some(c) => c,
+            None if self.cache_root.is_none() => Cache::open(&private_cache_dir()?, name, false)?
+                .expect("a fresh directory is not locked"),
             None => {
                 tracing::info!(
                     db = name,

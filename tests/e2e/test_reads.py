@@ -128,3 +128,13 @@ def test_wal_database_is_readable_and_not_writable(server, agent, tmp_path):
     assert "WAL" in a.one("wal", "pragma litevfs_last_error")
     r = a.run("wal", "pragma journal_mode = wal")
     assert not r["ok"] and "does not write WAL" in r["error"]
+
+
+def test_two_processes_with_one_cache_dir_both_work(server, agent, tmp_path, big_db):
+    server.upload("big", big_db)
+    cache = tmp_path / "one-cache"
+    a, b = agent(cache_dir=cache), agent(cache_dir=cache)
+    assert a.one("big", "select count(*) from t where id < 100") == 99
+    assert b.one("big", "select count(*) from t where id < 100") == 99
+    assert b.one("big", "pragma integrity_check") == "ok"
+    assert sorted(p.name for p in cache.iterdir()) == ["big.index", "big.lock", "big.pages"]
