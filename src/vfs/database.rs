@@ -32,6 +32,43 @@ pub struct Stats {
     pub pages_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub commits: AtomicU64,
+    /// Fetched pages whose checksum the store sent and we checked.
+    pub checksums_verified: AtomicU64,
+}
+
+/// Checks a fetched page: requested, one valid page long, page 1 a SQLite header of that page
+/// size, and its checksum when the store sent checksums. `Ok(true)` when the checksum was checked.
+pub fn verify_page(
+    pgno: u32,
+    data: &[u8],
+    requested: &[u32],
+    checksums: Option<&super::client::PageChecksums>,
+) -> std::result::Result<bool, String> {
+    if !requested.contains(&pgno) {
+        return Err("not requested".into());
+    }
+    if !crate::ltx::valid_page_size(data.len() as u32) {
+        return Err(format!("{} bytes long", data.len()));
+    }
+    if pgno == 1 {
+        let h = DbHeader::parse(data).map_err(|e| e.to_string())?;
+        if h.page_size as usize != data.len() {
+            return Err(format!(
+                "header says page size {}, got {} bytes",
+                h.page_size,
+                data.len()
+            ));
+        }
+    }
+    let Some(sums) = checksums else {
+        return Ok(false);
+    };
+    let want = sums.get(&pgno).ok_or("the store sent no checksum for it")?;
+    let got = crate::ltx::page_checksum(pgno, data);
+    if got != want.0 {
+        return Err(format!("its checksum is {got:016x}, the store says {want}"));
+    }
+    Ok(true)
 }
 
 /// A change set from the store, valid only on top of the position it was computed from.
@@ -304,35 +341,16 @@ impl Database {
             self.stats
                 .bytes_fetched
                 .fetch_add(p.data.len() as u64, Relaxed);
-            let bad = |why: String| Error::BadPage {
-                db: self.name.clone(),
-                pgno: p.pgno,
-                why,
-            };
-            if !pgnos.contains(&p.pgno) {
-                return Err(bad("not requested".into()));
-            }
-            if !crate::ltx::valid_page_size(p.data.len() as u32) {
-                return Err(bad(format!("{} bytes long", p.data.len())));
-            }
-            if let Some(sums) = &checksums {
-                let want = sums
-                    .get(&p.pgno)
-                    .ok_or_else(|| bad("no checksum sent for it".into()))?;
-                let got = crate::ltx::page_checksum(p.pgno, &p.data);
-                if got != want.0 {
-                    return Err(bad(format!("checksum {got:016x}, the store says {want}")));
-                }
-            }
-            if p.pgno == 1 {
-                let h = DbHeader::parse(&p.data).map_err(|e| bad(e.to_string()))?;
-                if h.page_size as usize != p.data.len() {
-                    return Err(bad(format!(
-                        "header says page size {}, got {} bytes",
-                        h.page_size,
-                        p.data.len()
-                    )));
-                }
+            let verified =
+                verify_page(p.pgno, &p.data, pgnos, checksums.as_ref()).map_err(|why| {
+                    Error::BadPage {
+                        db: self.name.clone(),
+                        pgno: p.pgno,
+                        why,
+                    }
+                })?;
+            if verified {
+                self.stats.checksums_verified.fetch_add(1, Relaxed);
             }
             out.insert(p.pgno, p.data);
         }
@@ -426,5 +444,38 @@ impl Database {
 
     pub fn set_error(&self, msg: &str) {
         *self.last_error.lock() = Some(msg.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Checksum;
+
+    #[test]
+    fn fetched_pages_are_verified() {
+        let page = vec![7u8; 512];
+        let sums = BTreeMap::from([(2, Checksum(crate::ltx::page_checksum(2, &page)))]);
+        assert_eq!(verify_page(2, &page, &[2], Some(&sums)), Ok(true));
+        assert_eq!(verify_page(2, &page, &[2], None), Ok(false));
+        let mut corrupt = page.clone();
+        corrupt[100] ^= 1;
+        assert!(
+            verify_page(2, &corrupt, &[2], Some(&sums))
+                .unwrap_err()
+                .contains("checksum")
+        );
+        assert!(
+            verify_page(3, &page, &[2], Some(&sums)).is_err(),
+            "not requested"
+        );
+        assert!(
+            verify_page(2, &page[..500], &[2], None).is_err(),
+            "not a page"
+        );
+        assert!(
+            verify_page(1, &page, &[1], None).is_err(),
+            "page 1 without a SQLite header"
+        );
     }
 }

@@ -189,6 +189,7 @@ fn stats_json(db: &Database) -> String {
         "pages_fetched": s.pages_fetched.load(Relaxed),
         "bytes_fetched": s.bytes_fetched.load(Relaxed),
         "commits": s.commits.load(Relaxed),
+        "checksums_verified": s.checksums_verified.load(Relaxed),
         "page_size": st.page_size,
         "db_pages": st.size,
     })

@@ -22,6 +22,8 @@ def test_shell_lazy_open_fetches_only_what_the_query_touches(server, env, big_db
     # A point query touches a handful of b-tree pages; prefetch adds at most 32 per miss.
     assert s["pages_fetched"] < s["db_pages"] // 10, s
     assert s["pages_cached"] == s["pages_fetched"]
+    # The store sends Litevfs-Page-Checksums; every fetched page was checked against it.
+    assert s["checksums_verified"] == s["pages_fetched"]
 
 
 def test_apsw_reads_and_cache_db_loads_everything(server, agent, big_db):
