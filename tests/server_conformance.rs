@@ -161,6 +161,9 @@ fn bad_ltx_changes_nothing() {
     for cut in [0, 10, 99, 100, 103, 300, good.len() - 17, good.len() - 1] {
         api.tx("d", good[..cut].to_vec()).err(400, "EBADFORMAT");
     }
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(b"extra");
+    api.tx("d", trailing).err(400, "EBADFORMAT");
     let mut flipped = good.clone();
     flipped[200] ^= 0x40;
     let e = api.tx("d", flipped).err(400, "EBADFORMAT");
@@ -350,15 +353,16 @@ fn bad_names_and_clusters() {
             .contains("same")
     );
     assert_eq!(api.positions().len(), 0, "default cluster is separate");
-    let files: Vec<_> = std::fs::read_dir(&s.dir)
+    let mut files: Vec<String> = std::fs::read_dir(&s.dir)
         .unwrap()
-        .map(|e| e.unwrap().file_name())
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert!(
-        files
-            .iter()
-            .all(|f| f.to_str().unwrap().starts_with("store.db") || f == "tmp"),
-        "{files:?}"
+    files.sort();
+    files.retain(|f| !f.starts_with("store.db-"));
+    assert_eq!(
+        files,
+        ["LOCK", "store.db", "tmp"],
+        "names never become paths"
     );
 }
 
@@ -536,6 +540,18 @@ fn refuses_anonymous_non_loopback_and_bad_flags() {
             .output()
             .unwrap()
     };
+    let busy = Server::start(&[]);
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_litevfs"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&busy.dir)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{second:?}"
+    );
+    busy.api().get("/healthz", &[]).ok();
     let out = run(&["--listen", "0.0.0.0:0"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));

@@ -93,9 +93,10 @@ impl From<StoreError> for ApiError {
             StoreError::NoLease => ErrorCode::NoLease,
             StoreError::LeaseMismatch => ErrorCode::LeaseMismatch,
             StoreError::BadInput(_) => ErrorCode::BadInput,
-            StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Io(_) => {
-                ErrorCode::Internal
-            }
+            StoreError::Corrupt(_)
+            | StoreError::Locked(_)
+            | StoreError::Sqlite(_)
+            | StoreError::Io(_) => ErrorCode::Internal,
         };
         ApiError::new(code, e.to_string())
     }

@@ -11,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
+use tracing::Instrument;
 
 use super::App;
 use super::error::ApiError;
@@ -87,10 +88,18 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
         .copied()
         .unwrap_or("unmatched");
     let method = req.method().clone();
+    let db = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("db="));
+    let span = tracing::info_span!("request", %method, route, db = db.unwrap_or(""));
     let started = std::time::Instant::now();
-    let resp = next.run(req).await;
+    let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     app.metrics.request(route, method.as_str(), status);
-    tracing::debug!(%method, route, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    span.in_scope(|| tracing::debug!(status, elapsed_ms, "request"));
     resp
 }

@@ -66,8 +66,8 @@ pub async fn post_tx(
     .await?;
     let store = app.store.clone();
     let applied = blocking(move || {
-        let reader = spooled.into_reader()?;
-        store.apply_ltx(&key, lease.as_deref(), reader)
+        let len = spooled.len();
+        store.apply_ltx(&key, lease.as_deref(), len, spooled.into_reader()?)
     })
     .await?;
     Metrics::add(&app.metrics.commits, 1);

@@ -5,7 +5,9 @@
 //! transaction; any failure (decoder or store rule) returns before `COMMIT`, so a refused file
 //! leaves no trace. It does not parse HTTP or spool bodies.
 
+use std::cell::Cell;
 use std::io::Read;
+use std::rc::Rc;
 
 use rusqlite::{Connection, Transaction};
 
@@ -41,11 +43,12 @@ impl Store {
         &self,
         key: &DbKey,
         lease: Option<&str>,
+        len: u64,
         body: impl Read,
     ) -> StoreResult<Applied> {
         let applied = self.write(|tx| {
             self.leases.check_write(key, lease)?;
-            apply_in(tx, key, body)
+            apply_in(tx, key, len, body)
         })?;
         self.notify();
         Ok(applied)
@@ -56,15 +59,33 @@ fn old_commit(old: &Option<TxnRow>) -> u32 {
     old.as_ref().map_or(0, |t| t.commit)
 }
 
-fn apply_in(tx: &Transaction, key: &DbKey, body: impl Read) -> StoreResult<Applied> {
+/// Counts the bytes the LTX reader consumed, to detect data after the trailer.
+struct Counted<R> {
+    inner: R,
+    n: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.set(self.n.get() + n as u64);
+        Ok(n)
+    }
+}
+
+fn apply_in(tx: &Transaction, key: &DbKey, len: u64, body: impl Read) -> StoreResult<Applied> {
     let db_id = find_db(tx, key)?;
     let old = match db_id {
         Some(id) => head(tx, id)?,
         None => None,
     };
     let current = old.as_ref().map_or(Pos::ZERO, TxnRow::pos);
-    let mut reader =
-        ltx::Reader::new(std::io::BufReader::new(body)).map_err(StoreError::BadFormat)?;
+    let consumed = Rc::new(Cell::new(0));
+    let counted = Counted {
+        inner: std::io::BufReader::new(body),
+        n: consumed.clone(),
+    };
+    let mut reader = ltx::Reader::new(counted).map_err(StoreError::BadFormat)?;
     let hdr = reader.header().clone();
     if hdr.min_txid != current.txid.0 + 1 || hdr.pre_apply_checksum != current.checksum.0 {
         return Err(StoreError::PosMismatch(current));
@@ -97,6 +118,9 @@ fn apply_in(tx: &Transaction, key: &DbKey, body: impl Read) -> StoreResult<Appli
         st.page(pgno, &buf)?;
     }
     let trailer = reader.finish().map_err(StoreError::BadFormat)?;
+    if consumed.get() != len {
+        return Err(StoreError::BadFormat(ltx::LtxError::TrailingData));
+    }
     st.check_growth(hdr.commit, hdr.page_size)?;
     st.truncate(hdr.commit, hdr.page_size)?;
     if st.checksum != trailer.post_apply_checksum {

@@ -75,6 +75,8 @@ pub enum StoreError {
     BadInput(String),
     #[error("store corrupt: {0}")]
     Corrupt(String),
+    #[error("data directory {0} is in use by another litevfs serve")]
+    Locked(String),
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("I/O: {0}")]
@@ -114,6 +116,8 @@ pub struct Store {
     changes: watch::Sender<u64>,
     leases: Leases,
     retention: Duration,
+    /// `DATA_DIR/LOCK`, flocked for the store's lifetime (released by the kernel on exit).
+    _lock: std::fs::File,
 }
 
 impl Store {
@@ -121,6 +125,7 @@ impl Store {
     /// applies the schema (idempotent) and empties `tmp/`.
     pub fn open(data_dir: &Path, retention: Duration) -> StoreResult<Store> {
         std::fs::create_dir_all(data_dir)?;
+        let lock = lock_data_dir(data_dir)?;
         let tmp_dir = data_dir.join("tmp");
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir)?;
@@ -136,6 +141,7 @@ impl Store {
             changes: watch::channel(0).0,
             leases: Leases::default(),
             retention,
+            _lock: lock,
         })
     }
 
@@ -251,6 +257,24 @@ impl Store {
             Ok(id)
         })
     }
+}
+
+/// Takes an exclusive, non-blocking `flock` on `DATA_DIR/LOCK`, so two servers never share a
+/// data directory (their in-memory leases would disagree).
+fn lock_data_dir(data_dir: &Path) -> StoreResult<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("LOCK"))?;
+    // SAFETY: `f` is an open file for the whole call, so its descriptor is valid; flock has no
+    // memory-safety preconditions beyond that.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StoreError::Locked(data_dir.display().to_string()));
+    }
+    Ok(f)
 }
 
 pub(crate) fn now_ms() -> u64 {

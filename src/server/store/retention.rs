@@ -118,7 +118,10 @@ mod tests {
                 )
             };
             let bytes = ltx::encode(&hdr, &pages, post).unwrap();
-            pos = store.apply_ltx(key, None, &bytes[..]).unwrap().pos;
+            pos = store
+                .apply_ltx(key, None, bytes.len() as u64, &bytes[..])
+                .unwrap()
+                .pos;
             out.push(pos);
         }
         out
