@@ -19,7 +19,9 @@ def main(ext: str, name: str, want: int, timeout: float = 20.0) -> None:
     loader.load_extension(ext)
 
     db = apsw.Connection(
-        f"file:{name}?vfs=litevfs", flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY
+        f"file:{name}?vfs=litevfs",
+        flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READONLY,
+        statementcachesize=0,
     )
     deadline = time.monotonic() + timeout
     while True:

@@ -20,6 +20,8 @@ def main(ext: str, name: str, rows: int) -> None:
     db = apsw.Connection(
         f"file:{name}?vfs=litevfs",
         flags=apsw.SQLITE_OPEN_URI | apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE,
+        # litevfs pragmas act when prepared; apsw's statement cache would replay a stale result.
+        statementcachesize=0,
     )
     db.execute("PRAGMA litevfs_acquire_lease")
     try:

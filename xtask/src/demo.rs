@@ -51,7 +51,10 @@ pub fn run() -> Result<(), Error> {
 
 fn run_steps(step: &mut Step, art: &setup::Artifacts, tmp: &Path) -> Result<(), Error> {
     step.next("start the page store: litevfs serve on loopback with a temporary data directory");
-    let server = in_step("start server", Server::start(&art.bin, &tmp.join("data"), &[]))?;
+    let server = in_step(
+        "start server",
+        Server::start(&art.bin, &tmp.join("data"), &[]),
+    )?;
     println!("    listening on {}", server.url);
 
     step.next("put a sample database in the store: litevfs import");
@@ -62,7 +65,10 @@ fn run_steps(step: &mut Step, art: &setup::Artifacts, tmp: &Path) -> Result<(), 
     let env = |cache: &str| -> Vec<(String, String)> {
         vec![
             ("LITEFS_CLOUD_HOST".into(), server.url.clone()),
-            ("LITEVFS_CACHE_DIR".into(), tmp.join(cache).to_string_lossy().into()),
+            (
+                "LITEVFS_CACHE_DIR".into(),
+                tmp.join(cache).to_string_lossy().into(),
+            ),
             ("RUST_LOG".into(), "warn".into()),
         ]
     };
@@ -77,7 +83,19 @@ fn run_steps(step: &mut Step, art: &setup::Artifacts, tmp: &Path) -> Result<(), 
         )),
     )?;
     print_indented(&out);
-    println!("    (the database has {total_pages} pages; the stats above show how few were fetched)");
+    let fetched = json_number(&out, "pages_fetched");
+    let requests = json_number(&out, "requests");
+    match (fetched, requests) {
+        (Some(f), Some(r)) => println!(
+            "    => lazy open: fetched {f} of {total_pages} pages ({:.1}%) in {r} requests",
+            100.0 * f as f64 / total_pages as f64
+        ),
+        _ => {
+            return Err(Error(format!(
+                "step \"reader\": no page counts in litevfs_cache_stats: {out}"
+            )));
+        }
+    }
 
     step.next("writer (sqlite3 process 2): acquire the lease, insert, commit, release");
     let mut writer = in_step("writer", Shell::start(&env("cache-writer")))?;
@@ -85,11 +103,14 @@ fn run_steps(step: &mut Step, art: &setup::Artifacts, tmp: &Path) -> Result<(), 
         "writer",
         writer.exec(&format!(
             ".load {ext}\n.open file:demo?vfs=litevfs\n.mode list\n\
+             .print acquire lease:\n\
              PRAGMA litevfs_acquire_lease;\n\
              BEGIN;\n\
              INSERT INTO events(id, ts, kind, payload) VALUES ({a}, 0, 'demo-write', 'hello'), ({b}, 0, 'demo-write', 'from'), ({c}, 0, 'demo-write', 'the writer');\n\
              COMMIT;\n\
+             .print committed; position (txid/checksum):\n\
              PRAGMA litevfs_position;\n\
+             .print release lease:\n\
              PRAGMA litevfs_release_lease;",
             a = SAMPLE_ROWS + 1,
             b = SAMPLE_ROWS + 2,
@@ -102,10 +123,15 @@ fn run_steps(step: &mut Step, art: &setup::Artifacts, tmp: &Path) -> Result<(), 
 
     step.next("reader sees the new rows (background change polling, no reopen)");
     let seen = in_step("reader sees write", wait_for_rows(&mut reader))?;
-    println!("    reader saw the 3 new rows {} ms after the commit returned", seen.duration_since(committed).as_millis());
+    println!(
+        "    reader saw the 3 new rows {} ms after the commit returned",
+        seen.duration_since(committed).as_millis()
+    );
     let out = in_step(
         "reader sees write",
-        reader.exec(&format!("SELECT id, payload FROM events WHERE id > {SAMPLE_ROWS} ORDER BY id;")),
+        reader.exec(&format!(
+            "SELECT id, payload FROM events WHERE id > {SAMPLE_ROWS} ORDER BY id;"
+        )),
     )?;
     print_indented(&out);
     drop(reader);
@@ -125,16 +151,31 @@ fn import_sample(art: &setup::Artifacts, tmp: &Path, url: &str) -> Result<u64, E
          CREATE INDEX events_kind ON events(kind);\n\
          SELECT page_count FROM pragma_page_count;"
     );
-    let pages = output_checked(Command::new("sqlite3").arg(&db).arg(sql), "sqlite3 (create sample)")?;
-    let pages: u64 = pages.trim().parse().map_err(|_| Error(format!("unexpected page count {pages:?}")))?;
+    let pages = output_checked(
+        Command::new("sqlite3").arg(&db).arg(sql),
+        "sqlite3 (create sample)",
+    )?;
+    let pages: u64 = pages
+        .trim()
+        .parse()
+        .map_err(|_| Error(format!("unexpected page count {pages:?}")))?;
     let size = std::fs::metadata(&db)?.len();
-    println!("    sample.db: {SAMPLE_ROWS} rows, {:.1} MB, {pages} pages of 4096 bytes", size as f64 / 1e6);
+    println!(
+        "    sample.db: {SAMPLE_ROWS} rows, {:.1} MB, {pages} pages of 4096 bytes",
+        size as f64 / 1e6
+    );
     let out = output_checked(
-        Command::new(&art.bin).args(["import", "demo"]).arg(&db).args(["--host", url]),
+        Command::new(&art.bin)
+            .args(["import", "demo"])
+            .arg(&db)
+            .args(["--host", url]),
         "litevfs import",
     )?;
     print_indented(&out);
-    let out = output_checked(Command::new(&art.bin).args(["list", "--host", url]), "litevfs list")?;
+    let out = output_checked(
+        Command::new(&art.bin).args(["list", "--host", url]),
+        "litevfs list",
+    )?;
     print_indented(&out);
     Ok(pages)
 }
@@ -143,15 +184,27 @@ fn import_sample(art: &setup::Artifacts, tmp: &Path, url: &str) -> Result<u64, E
 fn wait_for_rows(reader: &mut Shell) -> Result<Instant, Error> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = reader.exec(&format!("SELECT count(*) FROM events WHERE id > {SAMPLE_ROWS};"))?;
+        let out = reader.exec(&format!(
+            "SELECT count(*) FROM events WHERE id > {SAMPLE_ROWS};"
+        ))?;
         if out.trim() == "3" {
             return Ok(Instant::now());
         }
         if Instant::now() > deadline {
-            return Err(Error(format!("after 15 s the reader still sees {} new rows, not 3", out.trim())));
+            return Err(Error(format!(
+                "after 15 s the reader still sees {} new rows, not 3",
+                out.trim()
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The integer after `"key":` in a line of JSON, without a JSON parser (xtask is std-only).
+fn json_number(s: &str, key: &str) -> Option<u64> {
+    let at = s.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = s[at..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
 }
 
 fn print_indented(s: &str) {

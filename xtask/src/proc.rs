@@ -29,12 +29,16 @@ impl From<std::io::Error> for Error {
 
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Runs a command to completion with inherited output; fails unless it exits 0.
 pub fn run_checked(cmd: &mut Command, what: &str) -> Result<(), Error> {
-    let status = cmd.status().map_err(|e| Error(format!("{what}: cannot start: {e}")))?;
+    let status = cmd
+        .status()
+        .map_err(|e| Error(format!("{what}: cannot start: {e}")))?;
     if !status.success() {
         return Err(Error(format!("{what} failed ({status})")));
     }
@@ -43,7 +47,9 @@ pub fn run_checked(cmd: &mut Command, what: &str) -> Result<(), Error> {
 
 /// Runs a command and returns its stdout; fails with its stderr unless it exits 0.
 pub fn output_checked(cmd: &mut Command, what: &str) -> Result<String, Error> {
-    let out = cmd.output().map_err(|e| Error(format!("{what}: cannot start: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error(format!("{what}: cannot start: {e}")))?;
     if !out.status.success() {
         return Err(Error(format!(
             "{what} failed ({}): {}",
@@ -89,7 +95,9 @@ impl Server {
             Ok(url) => Ok(Server { child, url }),
             Err(_) => {
                 let _ = child.kill();
-                Err(Error("litevfs serve did not report it was listening within 20 s".into()))
+                Err(Error(
+                    "litevfs serve did not report it was listening within 20 s".into(),
+                ))
             }
         }
     }
@@ -120,16 +128,26 @@ const END_MARK: &str = "--xtask-end-of-batch--";
 impl Shell {
     pub fn start(envs: &[(String, String)]) -> Result<Shell, Error> {
         let mut cmd = Command::new("sqlite3");
-        cmd.arg("-batch").arg("-bail").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.arg("-batch")
+            .arg("-bail")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().map_err(|e| Error(format!("cannot start sqlite3: {e}")))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error(format!("cannot start sqlite3: {e}")))?;
         let stdin = child.stdin.take().expect("piped stdin");
         let (tx, rx) = mpsc::channel();
         forward_lines(child.stdout.take().expect("piped stdout"), tx.clone());
         forward_lines(child.stderr.take().expect("piped stderr"), tx);
-        Ok(Shell { child, stdin, lines: rx })
+        Ok(Shell {
+            child,
+            stdin,
+            lines: rx,
+        })
     }
 
     /// Runs `script` and returns its output. Fails if the shell reports an error or exits.
@@ -153,8 +171,12 @@ impl Shell {
                 }
             }
         }
-        if out.lines().any(|l| l.starts_with("Error") || l.starts_with("Parse error") || l.starts_with("Runtime error")) {
-            return Err(Error(format!("sqlite3 reported an error running:\n{script}\n{out}")));
+        if out.lines().any(|l| {
+            l.starts_with("Error") || l.starts_with("Parse error") || l.starts_with("Runtime error")
+        }) {
+            return Err(Error(format!(
+                "sqlite3 reported an error running:\n{script}\n{out}"
+            )));
         }
         Ok(out)
     }

@@ -11,11 +11,16 @@ use crate::proc::{Error, run_checked, which};
 
 /// The repository root (the parent of `xtask/`).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the repo").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the repo")
+        .to_path_buf()
 }
 
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 /// Paths of the built artifacts.
@@ -27,7 +32,10 @@ pub struct Artifacts {
 impl Artifacts {
     pub fn release() -> Artifacts {
         let dir = target_dir().join("release");
-        Artifacts { bin: dir.join("litevfs"), ext: dir.join("liblitevfs.so") }
+        Artifacts {
+            bin: dir.join("litevfs"),
+            ext: dir.join("liblitevfs.so"),
+        }
     }
 }
 
@@ -44,13 +52,24 @@ fn libclang_present() -> bool {
         return true;
     }
     let found_in = |dir: &Path| {
-        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-            let n = e.file_name().to_string_lossy().to_string();
-            n.starts_with("libclang") && n.contains(".so") && !n.starts_with("libclang-cpp")
-        })
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.starts_with("libclang") && n.contains(".so") && !n.starts_with("libclang-cpp")
+            })
     };
-    let mut dirs = vec![PathBuf::from("/usr/lib/x86_64-linux-gnu"), PathBuf::from("/usr/lib")];
-    for e in std::fs::read_dir("/usr/lib").into_iter().flatten().flatten() {
+    let mut dirs = vec![
+        PathBuf::from("/usr/lib/x86_64-linux-gnu"),
+        PathBuf::from("/usr/lib"),
+    ];
+    for e in std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with("llvm-") {
             dirs.push(e.path().join("lib"));
         }
@@ -80,12 +99,28 @@ struct Need {
 /// Makes sure the system packages are there; `python` adds what the end-to-end tests need.
 pub fn ensure_system(python: bool) -> Result<(), Error> {
     let mut needs = vec![
-        Need { what: "libclang (bindgen, for the SQLite VFS binding)", package: "libclang-dev", present: libclang_present },
-        Need { what: "the sqlite3 shell", package: "sqlite3", present: || which("sqlite3").is_some() },
+        Need {
+            what: "libclang (bindgen, for the SQLite VFS binding)",
+            package: "libclang-dev",
+            present: libclang_present,
+        },
+        Need {
+            what: "the sqlite3 shell",
+            package: "sqlite3",
+            present: || which("sqlite3").is_some(),
+        },
     ];
     if python {
-        needs.push(Need { what: "python3", package: "python3", present: || which("python3").is_some() });
-        needs.push(Need { what: "python3 venv", package: "python3-venv", present: python_venv_works });
+        needs.push(Need {
+            what: "python3",
+            package: "python3",
+            present: || which("python3").is_some(),
+        });
+        needs.push(Need {
+            what: "python3 venv",
+            package: "python3-venv",
+            present: python_venv_works,
+        });
     }
     let missing: Vec<&Need> = needs.iter().filter(|n| !(n.present)()).collect();
     if missing.is_empty() {
@@ -101,14 +136,23 @@ pub fn ensure_system(python: bool) -> Result<(), Error> {
         )));
     }
     println!("==> installing {} ({})", pkgs.join(" "), what.join(", "));
-    run_checked(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
     run_checked(
-        Command::new("apt-get").args(["install", "-y", "-qq"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive"),
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
         "apt-get install",
     )?;
     for n in missing {
         if !(n.present)() {
-            return Err(Error(format!("{} still missing after installing {}", n.what, n.package)));
+            return Err(Error(format!(
+                "{} still missing after installing {}",
+                n.what, n.package
+            )));
         }
     }
     Ok(())
@@ -119,7 +163,15 @@ pub fn build_release() -> Result<Artifacts, Error> {
     println!("==> building release artifacts (litevfs, liblitevfs.so, examples)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_checked(
-        Command::new(&cargo).current_dir(root()).args(["build", "--release", "--package", "litevfs", "--bins", "--lib", "--examples"]),
+        Command::new(&cargo).current_dir(root()).args([
+            "build",
+            "--release",
+            "--package",
+            "litevfs",
+            "--bins",
+            "--lib",
+            "--examples",
+        ]),
         "cargo build --release",
     )?;
     let a = Artifacts::release();
@@ -137,7 +189,10 @@ pub fn ensure_venv() -> Result<PathBuf, Error> {
     let py = venv.join("bin/python");
     if !py.exists() {
         println!("==> creating {}", venv.display());
-        run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
+        run_checked(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3 -m venv",
+        )?;
     }
     let have = Command::new(&py)
         .args(["-c", "import apsw, pytest"])
@@ -147,7 +202,15 @@ pub fn ensure_venv() -> Result<PathBuf, Error> {
     if !have {
         println!("==> installing apsw and pytest into .venv");
         run_checked(
-            Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "apsw", "pytest"]),
+            Command::new(&py).args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "apsw",
+                "pytest",
+            ]),
             "pip install apsw pytest",
         )?;
     }

@@ -19,7 +19,9 @@ pub fn run(args: &[String]) -> Result<(), Error> {
 
     println!("==> Rust tests: cargo test --release --workspace");
     run_checked(
-        Command::new(&cargo).current_dir(&root).args(["test", "--release", "--workspace"]),
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["test", "--release", "--workspace"]),
         "cargo test",
     )?;
 
@@ -28,11 +30,22 @@ pub fn run(args: &[String]) -> Result<(), Error> {
     run_checked(
         Command::new(&py)
             .current_dir(&root)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/e2e", "tests/examples"])
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/e2e",
+                "tests/examples",
+            ])
             .args(pytest_args)
             .env("LITEVFS_BIN", &art.bin)
             .env("LITEVFS_EXT", &art.ext)
-            .env("LITEVFS_EXAMPLES_DIR", setup::target_dir().join("release/examples")),
+            .env(
+                "LITEVFS_EXAMPLES_DIR",
+                setup::target_dir().join("release/examples"),
+            ),
         "pytest",
     )?;
     Ok(())
