@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use super::driver::Driver;
+use super::driver::{Driver, run_timeout};
 use crate::proc::{Error, Server, output_checked};
 use crate::setup::Artifacts;
 
@@ -152,40 +152,66 @@ impl Ctx {
         })
     }
 
+    /// Runs `litevfs ARGS` (an admin subcommand) with a time limit; fails with its stderr.
+    fn cli(&self, args: &[&std::ffi::OsStr]) -> Result<(), Error> {
+        let what = format!(
+            "litevfs {}",
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let out = run_timeout(Command::new(&self.art.bin).args(args), &what, CLI_TIMEOUT)?;
+        if !out.status.success() {
+            return Err(Error(format!(
+                "{what} failed ({}): {}",
+                out.status,
+                out.stderr.trim()
+            )));
+        }
+        Ok(())
+    }
+
     /// `litevfs import NAME FILE`; returns the seconds it took.
     pub fn import(&self, name: &str, file: &Path, url: &str) -> Result<f64, Error> {
         let t = Instant::now();
-        output_checked(
-            Command::new(&self.art.bin)
-                .args(["import", name])
-                .arg(file)
-                .args(["--host", url]),
-            &format!("litevfs import {name}"),
-        )?;
+        self.cli(&[
+            "import".as_ref(),
+            name.as_ref(),
+            file.as_ref(),
+            "--host".as_ref(),
+            url.as_ref(),
+        ])?;
         Ok(t.elapsed().as_secs_f64())
     }
 
     /// `litevfs export NAME FILE --force`; returns the seconds it took.
     pub fn export(&self, name: &str, file: &Path, url: &str) -> Result<f64, Error> {
         let t = Instant::now();
-        output_checked(
-            Command::new(&self.art.bin)
-                .args(["export", name])
-                .arg(file)
-                .args(["--force", "--host", url]),
-            &format!("litevfs export {name}"),
-        )?;
+        let args = [
+            "export".as_ref(),
+            name.as_ref(),
+            file.as_ref(),
+            "--force".as_ref(),
+            "--host".as_ref(),
+            url.as_ref(),
+        ];
+        self.cli(&args)?;
         Ok(t.elapsed().as_secs_f64())
     }
 
     pub fn delete(&self, name: &str, url: &str) -> Result<(), Error> {
-        output_checked(
-            Command::new(&self.art.bin).args(["delete", name, "--host", url]),
-            &format!("litevfs delete {name}"),
-        )
-        .map(|_| ())
+        self.cli(&[
+            "delete".as_ref(),
+            name.as_ref(),
+            "--host".as_ref(),
+            url.as_ref(),
+        ])
     }
 }
+
+/// Longest wait for one `litevfs import` or `export` (1.2 GB takes under a minute).
+const CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A field of /proc/PID/status in kB (VmHWM: peak resident set size).
 pub fn proc_kb(pid: u32, field: &str) -> Result<f64, Error> {

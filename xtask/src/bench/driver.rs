@@ -78,18 +78,16 @@ pub struct Driver {
 impl Driver {
     /// Runs `bench_driver ARGS` to completion and parses its single answer.
     pub fn once(&self, args: &[&str]) -> Result<Reply, Error> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| Error(format!("cannot run {}: {e}", self.bin.display())))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let last = text
+        let what = format!("bench_driver {}", args.join(" "));
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).env("RUST_LOG", "warn");
+        let out = run_timeout(&mut cmd, &what, ONCE_TIMEOUT)?;
+        eprint!("{}", out.stderr);
+        let last = out
+            .stdout
             .lines()
             .rev()
             .find(|l| l.starts_with("ok") || l.starts_with("err"));
-        let what = format!("bench_driver {}", args.join(" "));
         match last {
             Some(l) => Reply::parse(l).map_err(|e| Error(format!("{what}: {e}"))),
             None => Err(Error(format!("{what}: no answer ({})", out.status))),
@@ -130,7 +128,61 @@ pub struct Session {
     pub what: &'static str,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest wait for one session command; the longest (100k lookups, filling a cache) take
+/// seconds, so this only catches hangs.
+const TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest one-shot driver run (generating or downloading 1.2 GB takes about 10 s).
+const ONCE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a finished command printed.
+pub struct Output {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` with its output captured; kills it after `limit`.
+pub fn run_timeout(cmd: &mut Command, what: &str, limit: Duration) -> Result<Output, Error> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error(format!("{what}: cannot start: {e}")))?;
+    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = read_all(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error(format!(
+                "{what}: no result after {} s; killed",
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
 
 impl Session {
     fn start(
