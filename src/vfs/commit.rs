@@ -102,6 +102,31 @@ pub fn build(
     }))
 }
 
+/// Page 1 with a file change counter past the committed one, when SQLite left it unchanged
+/// (it does in exclusive locking mode): every commit must change page 1 so that every reader's
+/// SQLite notices the change and drops its page cache. `None` when no patch is needed.
+pub fn bump_change_counter(
+    committed: Option<&Vec<u8>>,
+    page1: Option<&Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let (old, new) = (committed?, page1?);
+    if old.len() < 100 || new.len() < 100 {
+        return None;
+    }
+    let be32 = |p: &[u8], o: usize| u32::from_be_bytes(p[o..o + 4].try_into().expect("4 bytes"));
+    let (was, now) = (be32(old, 24), be32(new, 24));
+    if (now.wrapping_sub(was) as i32) > 0 {
+        return None;
+    }
+    let counter = was.wrapping_add(1);
+    let mut out = new.clone();
+    if be32(new, 92) == now {
+        out[92..96].copy_from_slice(&counter.to_be_bytes());
+    }
+    out[24..28].copy_from_slice(&counter.to_be_bytes());
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +170,27 @@ mod tests {
         // A rollback that wrote the original pages back commits nothing.
         let same = BTreeMap::from([(2, vec![2u8; 512])]);
         assert!(build(&base, &same, 2, &committed).unwrap().is_none());
+    }
+
+    #[test]
+    fn change_counter_always_moves() {
+        let page = |counter: u32, valid_for: u32| {
+            let mut p = vec![0u8; 512];
+            p[24..28].copy_from_slice(&counter.to_be_bytes());
+            p[92..96].copy_from_slice(&valid_for.to_be_bytes());
+            p
+        };
+        let old = page(7, 7);
+        assert_eq!(bump_change_counter(Some(&old), Some(&page(8, 8))), None);
+        let bumped = bump_change_counter(Some(&old), Some(&page(7, 7))).unwrap();
+        assert_eq!(bumped, page(8, 8));
+        let bumped = bump_change_counter(Some(&page(9, 9)), Some(&page(7, 7))).unwrap();
+        assert_eq!(
+            bumped,
+            page(10, 10),
+            "never back to a value a reader may hold"
+        );
+        assert_eq!(bump_change_counter(None, Some(&old)), None);
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl LitevfsVfs {
     fn mem_write(&self, f: &MemFile, offset: usize, buf: &[u8]) -> Result<usize> {
         let finalize = {
             let mut d = f.data.lock();
+            tracing::trace!(journal = %f.name, offset, len = buf.len(), head = ?&buf[..buf.len().min(8)], "journal write");
             let zeroing = offset == 0
                 && buf.len() >= 8
                 && buf.iter().all(|b| *b == 0)
@@ -161,6 +162,7 @@ impl LitevfsVfs {
     }
 
     fn mem_truncate(&self, f: &MemFile, size: usize) -> Result<()> {
+        tracing::trace!(journal = %f.name, size, "journal truncate");
         f.data.lock().resize(size, 0);
         if size == 0 {
             self.finalized(&f.name)?;

@@ -88,7 +88,7 @@ impl Database {
         }
         let dirty = std::mem::take(&mut w.dirty);
         let (new_size, page_size) = (w.size, w.page_size);
-        let result = self.upload(st, &dirty, new_size, page_size);
+        let result = self.upload(st, dirty, new_size, page_size);
         if let Some(w) = st.write.as_mut() {
             w.size = st.size;
             w.page_size = st.page_size;
@@ -102,7 +102,7 @@ impl Database {
     fn upload(
         &self,
         st: &mut State,
-        dirty: &std::collections::BTreeMap<u32, Vec<u8>>,
+        mut dirty: std::collections::BTreeMap<u32, Vec<u8>>,
         new_size: u32,
         page_size: u32,
     ) -> Result<bool> {
@@ -117,11 +117,21 @@ impl Database {
             size: if st.pos.is_zero() { 0 } else { st.size },
             page_size,
         };
-        let needed = commit::needed_pages(&base, dirty, new_size);
+        let mut needed = commit::needed_pages(&base, &dirty, new_size);
+        if !base.pos.is_zero() && !needed.contains(&1) {
+            needed.push(1);
+        }
         let committed = self.committed_pages(st, &needed)?;
-        let Some(built) = commit::build(&base, dirty, new_size, &committed)? else {
+        let Some(mut built) = commit::build(&base, &dirty, new_size, &committed)? else {
             return Ok(false);
         };
+        let page1 = dirty.get(&1).or(committed.get(&1));
+        if let Some(p1) = commit::bump_change_counter(committed.get(&1), page1) {
+            // SQLite did not move the change counter (exclusive locking mode): move it, or
+            // other processes' SQLite would keep stale pages in its own cache.
+            dirty.insert(1, p1);
+            built = commit::build(&base, &dirty, new_size, &committed)?.expect("page 1 changed");
+        }
         let lease_id = self
             .lease
             .lock()

@@ -175,3 +175,19 @@ def test_connections_of_one_process_share_locks_and_position(server, agent):
     a.sql("two", "commit")
     assert a.sql("two", "select count(*) from t", ro=True) == [[1]]
     assert a.one("two", "pragma integrity_check", ro=True) == "ok"
+
+
+@pytest.mark.parametrize(
+    "setup", ["pragma journal_mode = off", "pragma locking_mode = exclusive", "pragma journal_mode = truncate; pragma locking_mode = exclusive"]
+)
+def test_other_modes_commit_each_transaction(server, agent, setup):
+    w, r = agent(), agent()
+    w.sql("m", "pragma litevfs_acquire_lease")
+    w.sql("m", setup)
+    w.sql("m", "create table t(x)")
+    for i in range(3):
+        w.sql("m", "insert into t values (?)", args=[i])
+        r.sql("m", "pragma litevfs_sync")
+        assert r.sql("m", "select count(*) from t") == [[i + 1]]
+    assert w.stats("m")["commits"] == 4
+    assert r.one("m", "pragma integrity_check") == "ok"
