@@ -58,6 +58,10 @@ fn pos_lists_databases_with_exact_json() {
         r#"{"a":{"txid":"0000000000000001","postApplyChecksum":"e4e4aaa102377eee"},"b":{"txid":"0000000000000002","postApplyChecksum":"d078845888888888"}}"#
     );
     assert_eq!(
+        api.get("/hwm", &[]).ok().text(),
+        r#"{"a":"0000000000000001","b":"0000000000000002"}"#
+    );
+    assert_eq!(
         api.pos("b").unwrap().to_string(),
         "0000000000000002/d078845888888888"
     );

@@ -21,6 +21,7 @@ use crate::wire::ErrorCode;
 /// Every route the server serves.
 pub const ROUTES: &[&str] = &[
     "/pos",
+    "/hwm",
     "/db/tx",
     "/db/page",
     "/db/sync",
@@ -38,6 +39,7 @@ pub const ROUTES: &[&str] = &[
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/pos", get(data::get_pos))
+        .route("/hwm", get(data::get_hwm))
         .route("/db/tx", post(data::post_tx))
         .route("/db/page", get(data::get_page))
         .route("/db/sync", get(sync::get_db_sync))

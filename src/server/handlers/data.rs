@@ -1,4 +1,5 @@
-//! The data plane: `GET /pos`, `POST /db/tx` and `GET /db/page` (spec 2.1, 2.2, 2.4).
+//! The data plane: `GET /pos`, `GET /hwm`, `POST /db/tx` and `GET /db/page` (spec 2.1, 2.9,
+//! 2.2, 2.4).
 //!
 //! `/db/page` answers in JSON (base64 pages) or, when the client's `Accept` names
 //! [`MEDIA_PAGE_FRAMES`], in binary page frames (our extension). Both carry
@@ -22,7 +23,7 @@ use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::wire::{
     ErrorCode, HEADER_HWM, HEADER_LEASE_ID, HEADER_PAGE_CHECKSUMS, MEDIA_PAGE_FRAMES, Page,
-    PagesResponse, Pos, encode_page_checksums, encode_page_frames,
+    PagesResponse, Pos, Txid, encode_page_checksums, encode_page_frames,
 };
 
 /// Response header of `/db/page`: the page size at the requested position.
@@ -38,6 +39,18 @@ pub async fn get_pos(
     let cluster = caller.cluster.clone();
     let list = blocking(move || store.positions(&cluster)).await?;
     Ok(Json(list.into_iter().collect()))
+}
+
+/// `GET /hwm` (spec 2.9): the high-water mark of every database, i.e. its current TXID, since
+/// everything accepted is durable in this store.
+pub async fn get_hwm(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+) -> ApiResult<Json<BTreeMap<String, Txid>>> {
+    let store = app.store.clone();
+    let cluster = caller.cluster.clone();
+    let list = blocking(move || store.positions(&cluster)).await?;
+    Ok(Json(list.into_iter().map(|(n, p)| (n, p.txid)).collect()))
 }
 
 pub async fn post_tx(

@@ -26,10 +26,16 @@ impl Store {
     /// Runs one compaction pass over every database.
     pub fn compact(&self) -> StoreResult<CompactionStats> {
         let cutoff = now_ms().saturating_sub(self.retention.as_millis() as u64);
+        // Only databases whose K moved since their last pass need the writer.
         let ids: Vec<i64> = self.read(|tx| {
-            let mut stmt = tx.prepare("SELECT id FROM dbs ORDER BY id")?;
+            let mut stmt = tx.prepare(
+                "SELECT id FROM (SELECT d.id, d.compacted_txid AS prev,
+                     (SELECT t.max_txid FROM txns t WHERE t.db_id = d.id AND t.created_ms < ?1
+                      ORDER BY t.max_txid DESC LIMIT 1) AS k FROM dbs d)
+                 WHERE k IS NOT NULL AND k <> prev ORDER BY id",
+            )?;
             let ids = stmt
-                .query_map([], |r| r.get(0))?
+                .query_map([cutoff as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             Ok(ids)
         })?;
