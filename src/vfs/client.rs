@@ -202,9 +202,10 @@ impl Client {
         &self,
         positions: BTreeMap<String, Pos>,
         wait: Option<Duration>,
+        timeout: Duration,
     ) -> Result<BTreeMap<String, Changes>> {
         let mut query = Vec::new();
-        let mut rb_timeout = REQUEST_TIMEOUT;
+        let mut rb_timeout = timeout;
         if let Some(w) = wait {
             let ms = (w.as_millis() as u64).min(wire::MAX_SYNC_WAIT_MS);
             query.push(("wait", ms.to_string()));

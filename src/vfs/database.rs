@@ -111,7 +111,15 @@ pub struct State {
     pub last_sync: Option<Instant>,
     /// Included in the change poller's request in flight.
     pub watched: bool,
+    /// When a sync at transaction start last failed: cached reads go on without waiting.
+    pub sync_failed: Option<Instant>,
 }
+
+/// Timeout of the sync a transaction start makes; cached reads must not wait long on a store
+/// that does not answer.
+const INLINE_SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed sync at transaction start, the next ones skip syncing this long.
+const SYNC_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One database as seen by this process.
 pub struct Database {
@@ -144,6 +152,7 @@ impl Database {
             prefetch: Prefetcher::default(),
             last_sync: None,
             watched: false,
+            sync_failed: None,
         };
         Database {
             name: name.to_string(),
@@ -212,9 +221,13 @@ impl Database {
     /// Asks the store what changed since our position, now, and applies it when no
     /// connection holds a lock (otherwise it waits for the last lock to go).
     pub fn sync_locked(&self, st: &mut State, force: bool) -> Result<()> {
+        self.sync_with_timeout(st, force, super::client::REQUEST_TIMEOUT)
+    }
+
+    fn sync_with_timeout(&self, st: &mut State, force: bool, timeout: Duration) -> Result<()> {
         let positions = BTreeMap::from([(self.name.clone(), st.pos)]);
         self.stats.requests.fetch_add(1, Relaxed);
-        let mut changes = self.client.sync(positions, None)?;
+        let mut changes = self.client.sync(positions, None, timeout)?;
         let from = st.pos;
         st.last_sync = Some(Instant::now());
         self.offer_locked(st, from, changes.remove(&self.name));
@@ -363,10 +376,14 @@ impl Database {
         let period = self.settings.lock().sync_period;
         let due =
             !period.is_zero() && !st.watched && st.last_sync.is_none_or(|t| t.elapsed() >= period);
-        if due || st.stale {
-            match self.sync_locked(st, false) {
-                Ok(()) => st.stale = false,
-                Err(e) => tracing::debug!(db = %self.name, "sync at transaction start: {e}"),
+        let backing_off = st.sync_failed.is_some_and(|t| t.elapsed() < SYNC_BACKOFF);
+        if (due || st.stale) && !backing_off {
+            match self.sync_with_timeout(st, false, INLINE_SYNC_TIMEOUT) {
+                Ok(()) => (st.stale, st.sync_failed) = (false, None),
+                Err(e) => {
+                    tracing::debug!(db = %self.name, "sync at transaction start: {e}");
+                    st.sync_failed = Some(Instant::now());
+                }
             }
         }
         self.apply_pending(st);

@@ -41,7 +41,7 @@ pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
         let wait = long_poll.then_some(LONG_POLL_WAIT);
         let started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            client.sync(positions.clone(), wait)
+            client.sync(positions.clone(), wait, super::client::REQUEST_TIMEOUT)
         }));
         for d in &dbs {
             d.state.lock().watched = false;

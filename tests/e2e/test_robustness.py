@@ -180,3 +180,42 @@ def test_pruned_position_fails_the_statement_with_the_extended_code(make_server,
     r.run("big", "rollback")
     assert r.one("big", "select count(*) from t") == 20001
     assert r.one("big", "pragma litevfs_position") != old
+
+
+def test_a_store_that_never_answers_fails_the_read_instead_of_hanging(server, agent, big_db):
+    import socket
+    import threading
+
+    server.upload("big", big_db)
+    a = agent()
+    assert a.one("big", "select count(*) from t where id = 10") == 1
+    server.stop()
+    hole = socket.socket()
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hole.bind(("127.0.0.1", server.port))
+    hole.listen(64)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        hole.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(hole.accept()[0])  # accepted, never answered
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        assert a.one("big", "select count(*) from t where id = 10") == 1, "cached pages still read"
+        r = a.run("big", "select sum(length(v)) from t")  # returns: the request times out
+        assert not r["ok"]
+        msg = a.one("big", "pragma litevfs_last_error")
+        assert server.url in msg and "timed out" in msg, msg
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        hole.close()
