@@ -99,6 +99,21 @@ fn lz4_and_lfsb_vectors_are_accepted() {
     assert_eq!(api.pos("empty"), Some(Pos::new(6, EMPTY_CHECKSUM)));
     let snap = api.snapshot("empty");
     assert_eq!((snap.header.commit, snap.pages.len()), (0, 0));
+    // LiteFS style: a compacted multi-TXID file, LZ4, sent with chunked encoding.
+    let pre = 0xad2dffe333333333;
+    let p2 = [b'7'; 512];
+    let post = ltx::checksum_xor(
+        ltx::checksum_xor(pre, ltx::page_checksum(2, &[b'6'; 512])),
+        ltx::page_checksum(2, &p2),
+    );
+    let mut h = hdr(2, 7, 9, pre);
+    h.flags = FLAG_LZ4;
+    let multi = ltx::encode(&h, &[(2, &p2)], post).unwrap();
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(multi));
+    let rb = api.req(reqwest::Method::POST, "/db/tx", &[("db", "five")]);
+    let r = api.send(rb.body(chunked)).ok();
+    assert_eq!(r.header("Litefs-Hwm").as_deref(), Some("0000000000000009"));
+    assert_eq!(api.pos("five"), Some(Pos::new(9, post)));
 }
 
 #[test]
