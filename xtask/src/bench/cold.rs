@@ -33,6 +33,7 @@ pub fn download_metric(delay: u64) -> String {
 #[derive(Default)]
 struct Cost {
     ms: Vec<f64>,
+    open_ms: Vec<f64>,
     requests: Vec<f64>,
     page_requests: Vec<f64>,
     pages: Vec<f64>,
@@ -88,6 +89,8 @@ pub fn run(
         one(pl),
         one(look.ms.clone()),
     );
+    let open_metric = format!("  point lookup: of which opening the database, delay {delay} ms");
+    rep.row(NAME, &open_metric, "ms", None, one(look.open_ms.clone()));
     cost_rows(rep, "point lookup", delay, &look, true);
     if !look.routes.is_empty() {
         rep.notes.push(format!(
@@ -191,6 +194,7 @@ fn litevfs_once(
     let m1 = metrics(url)?;
     let stats: Option<Reply> = s.cmd("pragma litevfs_cache_stats").ok();
     c.ms.push(open.num("open_ms")? + r.num("ms")?);
+    c.open_ms.push(open.num("open_ms")?);
     c.requests.push(m1.requests - m0.requests);
     let page_reqs = |m: &super::ctx::Metrics| m.routes.get("GET /db/page").copied().unwrap_or(0.0);
     c.page_requests.push(page_reqs(&m1) - page_reqs(&m0));
