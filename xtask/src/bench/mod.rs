@@ -105,6 +105,9 @@ pub fn run(args: &[String]) -> Result<(), Error> {
     drop(c);
     let _ = std::fs::remove_dir_all(&work);
     let facts = result?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    rep.machine
+        .push(("loadavg_at_end".into(), load.trim().to_string()));
     targets::evaluate(&mut rep, &facts);
     rep.duration_s = t0.elapsed().as_secs_f64();
     println!(
@@ -113,6 +116,12 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         rep.duration_s,
         args.join(" ")
     );
+    let machine: Vec<String> = rep
+        .machine
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    println!("machine: {}\n", machine.join("; "));
     print!("{}", rep.table());
     if let Some(path) = &opts.json {
         std::fs::write(path, rep.json())
