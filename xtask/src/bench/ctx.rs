@@ -51,14 +51,14 @@ impl Params {
                 warm_rows: 200_000,
                 warm_payload: 300,
                 lookups: 100_000,
-                reps: 5,
+                reps: 7,
                 // 4 rows of 1000 bytes per 4 KiB page: about 1.1 GiB.
                 big_rows: 1_150_000,
                 big_payload: 1000,
-                cold_reps: 5,
+                cold_reps: 7,
                 vis_commits: 200,
                 vis_interval_ms: 25,
-                commit_n: 300,
+                commit_n: 500,
                 bulk_reps: 2,
                 delay_ms: 20,
             }
