@@ -187,6 +187,13 @@ fn bad_ltx_changes_nothing() {
     flipped[200] ^= 0x40;
     let e = api.tx("d", flipped).err(400, "EBADFORMAT");
     assert!(e.error.contains("checksum"), "{}", e.error);
+    let huge = ltx::encode(
+        &hdr(1, 1, u64::MAX, 0),
+        &[(1, &[1; 512])],
+        0xe4e4aaa102377eee,
+    )
+    .unwrap();
+    api.tx("huge", huge).err(400, "EBADFORMAT");
     api.tx("d", b"not an ltx file at all, just text".repeat(10))
         .err(400, "EBADFORMAT");
     // Wrong post-apply checksum on an incremental file.

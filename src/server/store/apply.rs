@@ -87,6 +87,11 @@ fn apply_in(tx: &Transaction, key: &DbKey, len: u64, body: impl Read) -> StoreRe
     };
     let mut reader = ltx::Reader::new(counted).map_err(StoreError::BadFormat)?;
     let hdr = reader.header().clone();
+    if hdr.max_txid > i64::MAX as u64 {
+        // TXIDs are stored as SQLite integers (i64).
+        let e = ltx::LtxError::Header(format!("max TXID {:016x} too large", hdr.max_txid));
+        return Err(StoreError::BadFormat(e));
+    }
     if hdr.min_txid != current.txid.0 + 1 || hdr.pre_apply_checksum != current.checksum.0 {
         return Err(StoreError::PosMismatch(current));
     }
