@@ -322,8 +322,9 @@ impl Database {
     }
 
     fn page_one(&self, st: &mut State) -> Result<Vec<u8>> {
-        if st.page_size != 0 {
-            let mut buf = vec![0u8; st.page_size as usize];
+        let cached_size = st.cache.page_size();
+        if cached_size != 0 {
+            let mut buf = vec![0u8; cached_size as usize];
             if st.cache.get(1, &mut buf)? {
                 return Ok(buf);
             }
@@ -335,7 +336,7 @@ impl Database {
             pgno: 1,
             why: "the store did not return page 1".into(),
         })?;
-        if st.page_size != 0 && st.page_size as usize != page.len() {
+        if cached_size != 0 && cached_size as usize != page.len() {
             st.cache.clear()?;
         }
         st.cache.put(1, &page, self.bounds())?;
@@ -468,6 +469,107 @@ impl Database {
 mod tests {
     use super::*;
     use crate::wire::Checksum;
+
+    /// A database at position 1 with pages 1..=3 cached, no network used (sync period 0).
+    fn db_at_pos1(dir: &std::path::Path) -> Database {
+        let cfg = super::super::config::Config {
+            host: "http://127.0.0.1:9".into(),
+            token: None,
+            cluster: None,
+            cache_dir: None,
+            log_file: None,
+        };
+        let client = Arc::new(Client::new(&cfg).unwrap());
+        let cache = Cache::open(dir, "d", false).unwrap().unwrap();
+        let db = Database::new("d", client, cache);
+        db.settings.lock().sync_period = Duration::ZERO;
+        let mut st = db.state.lock();
+        let mut p1 = vec![0u8; 512];
+        p1[..16].copy_from_slice(crate::dbfile::MAGIC);
+        p1[16..18].copy_from_slice(&512u16.to_be_bytes());
+        p1[28..32].copy_from_slice(&3u32.to_be_bytes());
+        let b = db.bounds();
+        st.cache.put(1, &p1, b).unwrap();
+        st.cache.put(2, &[2u8; 512], b).unwrap();
+        st.cache.put(3, &[3u8; 512], b).unwrap();
+        st.pos = Pos::new(1, 1 << 63 | 1);
+        let pos = st.pos;
+        st.cache.set_pos(pos);
+        drop(st);
+        db
+    }
+
+    fn changes(txid: u64, pgnos: &[u32]) -> Changes {
+        Changes {
+            pos: Pos::new(txid, 1 << 63 | txid),
+            pgnos: Some(pgnos.to_vec()),
+            all: None,
+        }
+    }
+
+    #[test]
+    fn changes_wait_for_the_last_lock_and_drop_changed_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_at_pos1(&dir.path().join("c"));
+        assert_eq!(
+            db.lock(1, LockLevel::Unlocked, LockLevel::Shared).unwrap(),
+            LockLevel::Shared
+        );
+        assert_eq!(
+            db.lock(2, LockLevel::Unlocked, LockLevel::Shared).unwrap(),
+            LockLevel::Shared
+        );
+        db.offer(Pos::new(1, 1 << 63 | 1), Some(changes(2, &[2])));
+        {
+            let st = db.state.lock();
+            assert_eq!(st.pos.txid.0, 1, "a read transaction keeps its position");
+            assert!(st.cache.contains(2) && st.pending.is_some());
+        }
+        db.unlock(1, LockLevel::Shared, LockLevel::Unlocked)
+            .unwrap();
+        assert_eq!(
+            db.state.lock().pos.txid.0,
+            1,
+            "another connection still reads"
+        );
+        db.unlock(2, LockLevel::Shared, LockLevel::Unlocked)
+            .unwrap();
+        let st = db.state.lock();
+        assert_eq!(st.pos.txid.0, 2);
+        assert!(!st.cache.contains(2) && st.cache.contains(3));
+        assert_eq!(st.cache.pos().txid.0, 2);
+    }
+
+    #[test]
+    fn stale_change_sets_are_ignored_and_all_drops_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_at_pos1(&dir.path().join("c"));
+        db.offer(Pos::new(5, 1 << 63 | 5), Some(changes(6, &[2])));
+        assert_eq!(
+            db.state.lock().pos.txid.0,
+            1,
+            "computed from another position"
+        );
+        let all = Changes {
+            pos: Pos::new(9, 1 << 63 | 9),
+            pgnos: None,
+            all: Some(true),
+        };
+        db.offer(Pos::new(1, 1 << 63 | 1), Some(all));
+        let st = db.state.lock();
+        assert_eq!((st.pos.txid.0, st.cache.len()), (9, 0));
+    }
+
+    #[test]
+    fn writes_need_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_at_pos1(&dir.path().join("c"));
+        db.lock(1, LockLevel::Unlocked, LockLevel::Shared).unwrap();
+        let e = db
+            .lock(1, LockLevel::Shared, LockLevel::Reserved)
+            .unwrap_err();
+        assert!(matches!(e, Error::NoLease(_)), "{e}");
+    }
 
     #[test]
     fn fetched_pages_are_verified() {

@@ -75,8 +75,10 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Runs a callback body: catches panics, reports errors, returns SQLite codes.
+/// Runs a callback body in a span naming the database and the operation: catches panics,
+/// reports errors, returns SQLite codes.
 fn guard<T>(db: Option<&Database>, op: Op, f: impl FnOnce() -> Result<T>) -> VfsResult<T> {
+    let _span = tracing::trace_span!("litevfs", db = db.map(|d| d.name.as_str()), ?op).entered();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(report(db, &e, op)),
@@ -144,7 +146,6 @@ impl LitevfsVfs {
     fn mem_write(&self, f: &MemFile, offset: usize, buf: &[u8]) -> Result<usize> {
         let finalize = {
             let mut d = f.data.lock();
-            tracing::trace!(journal = %f.name, offset, len = buf.len(), head = ?&buf[..buf.len().min(8)], "journal write");
             let zeroing = offset == 0
                 && buf.len() >= 8
                 && buf.iter().all(|b| *b == 0)
@@ -162,7 +163,6 @@ impl LitevfsVfs {
     }
 
     fn mem_truncate(&self, f: &MemFile, size: usize) -> Result<()> {
-        tracing::trace!(journal = %f.name, size, "journal truncate");
         f.data.lock().resize(size, 0);
         if size == 0 {
             self.finalized(&f.name)?;

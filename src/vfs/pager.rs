@@ -184,6 +184,9 @@ impl Database {
             self.begin_read(&mut st)?;
         }
         self.ensure_size(&mut st)?;
+        if st.pos.is_zero() {
+            return Ok(0);
+        }
         let max = self.settings.lock().max_cached_pages;
         if max > 0 && u64::from(st.size) > max {
             return Err(Error::Unsupported(format!(
