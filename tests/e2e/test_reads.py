@@ -140,3 +140,11 @@ def test_two_processes_with_one_cache_dir_both_work(server, agent, tmp_path, big
     assert b.one("big", "select count(*) from t where id < 100") == 99
     assert b.one("big", "pragma integrity_check") == "ok"
     assert sorted(p.name for p in cache.iterdir()) == ["big.index", "big.lock", "big.pages"]
+
+
+def test_loading_twice_then_the_default_entry_point(server, env, big_db):
+    server.upload("big", big_db)
+    load = f".load {EXT}\n.load {EXT}\n.load {EXT} sqlite3_litevfs_default_init"
+    r = shell(".open big\nselect count(*) from t;\n.open file:big?vfs=litevfs\nselect count(*) from t;", env(), load=load)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["20000", "20000"]
