@@ -624,3 +624,28 @@ fn sigterm_shuts_down_gracefully() {
         .expect("long-poll answered before exit");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn configuration_from_the_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("envdata");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_litevfs"));
+    cmd.arg("serve")
+        .env("LITEVFS_DATA_DIR", &dir)
+        .env("LITEVFS_LISTEN", "127.0.0.1:0")
+        .env("LITEVFS_TOKENS", "t-rw=envc:rw,t-ro=envc:ro")
+        .env("LITEVFS_RETENTION", "30s")
+        .env("LITEVFS_MAX_BODY_SIZE", "1K")
+        .env("LITEVFS_DELAY_MS", "5");
+    let s = Server::spawn(cmd, &dir);
+    assert!(dir.join("store.db").exists());
+    s.api().get("/pos", &[]).err(401, "EINVALIDAUTH");
+    s.api_with("t-ro").get("/pos", &[]).ok();
+    let (a, _, _) = vectors_abc();
+    s.api_with("t-ro").tx("a", a.clone()).err(403, "EFORBIDDEN");
+    s.api_with("t-rw").tx("a", a).ok();
+    let big = vec![0u8; 2048];
+    s.api_with("t-rw")
+        .post("/db/upload", &[("db", "b")], big)
+        .err(413, "ETOOLARGE");
+}

@@ -34,19 +34,27 @@ impl Server {
 
     /// Starts a server on `dir` (kept after the server stops).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_litevfs"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra);
+        Server::spawn(cmd, dir)
+    }
+
+    /// Runs `cmd` (a `litevfs serve` using `dir`) and waits for its ready line.
+    pub fn spawn(mut cmd: Command, dir: &Path) -> Server {
         std::fs::create_dir_all(dir).expect("data dir");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.with_extension("log"))
             .expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_litevfs"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env_remove("LITEVFS_TOKENS")
+        if !cmd.get_envs().any(|(k, _)| k == "LITEVFS_TOKENS") {
+            cmd.env_remove("LITEVFS_TOKENS");
+        }
+        let mut child = cmd
             .env_remove("LITEVFS_TOKENS_FILE")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
