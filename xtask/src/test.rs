@@ -26,27 +26,22 @@ pub fn run(args: &[String]) -> Result<(), Error> {
     )?;
 
     let py = setup::ensure_venv()?;
-    println!("==> end-to-end tests: pytest tests/e2e tests/examples");
-    run_checked(
-        Command::new(&py)
-            .current_dir(&root)
-            .args([
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/e2e",
-                "tests/examples",
-            ])
-            .args(pytest_args)
-            .env("LITEVFS_BIN", &art.bin)
-            .env("LITEVFS_EXT", &art.ext)
-            .env(
-                "LITEVFS_EXAMPLES_DIR",
-                setup::target_dir().join("release/examples"),
-            ),
-        "pytest",
-    )?;
+    // One pytest run per suite: each directory has its own conftest.py.
+    for suite in ["tests/e2e", "tests/examples"] {
+        println!("==> end-to-end tests: pytest {suite}");
+        run_checked(
+            Command::new(&py)
+                .current_dir(&root)
+                .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", suite])
+                .args(&pytest_args)
+                .env("LITEVFS_BIN", &art.bin)
+                .env("LITEVFS_EXT", &art.ext)
+                .env(
+                    "LITEVFS_EXAMPLES_DIR",
+                    setup::target_dir().join("release/examples"),
+                ),
+            &format!("pytest {suite}"),
+        )?;
+    }
     Ok(())
 }
