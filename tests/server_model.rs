@@ -1,0 +1,180 @@
+//! Model-based test of the page store's history: a deterministic random mix of commits (growing,
+//! shrinking, deleting), uploads and restores, checked after every step against an in-memory
+//! model of every position: pages at old positions, snapshots at old positions, and change sets
+//! from old positions.
+
+mod server_support;
+
+use std::collections::BTreeMap;
+
+use litevfs::ltx;
+use litevfs::wire::{Changes, PagesResponse, TxidResponse};
+use server_support::{Api, Model, Server, page};
+
+const PS: u32 = 512;
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Page 1 always starts with a SQLite header, so every image can also be uploaded.
+fn page_one(fill: u8) -> Vec<u8> {
+    let mut p = page(PS, fill);
+    p[..16].copy_from_slice(b"SQLite format 3\0");
+    p[16..18].copy_from_slice(&(PS as u16).to_be_bytes());
+    p[18] = 1;
+    p[19] = 1;
+    p
+}
+
+fn random_commit(rng: &mut Rng, m: &Model) -> (u32, Vec<(u32, Vec<u8>)>) {
+    if m.commit > 0 && rng.below(25) == 0 {
+        return (0, vec![]);
+    }
+    let commit = match rng.below(6) {
+        0 => m.commit + 1 + rng.below(4) as u32,
+        1 if m.commit > 2 => m.commit - 1 - rng.below(u64::from(m.commit - 2)) as u32,
+        _ => m.commit.max(1),
+    };
+    let fill = rng.below(256) as u8;
+    let mut pages = BTreeMap::new();
+    for p in m.commit + 1..=commit {
+        pages.insert(p, page(PS, fill ^ p as u8));
+    }
+    for _ in 0..rng.below(4) {
+        let p = 1 + rng.below(u64::from(commit)) as u32;
+        let fill = rng.below(256) as u8;
+        pages.insert(
+            p,
+            if p == 1 {
+                page_one(fill)
+            } else {
+                page(PS, fill)
+            },
+        );
+    }
+    if m.commit == 0 || rng.below(3) == 0 {
+        pages.insert(1, page_one(fill));
+    }
+    (commit, pages.into_iter().collect())
+}
+
+/// Every page of `old` as the server serves it at `old`'s position.
+fn check_pages(api: &Api, old: &Model) {
+    if old.commit == 0 {
+        return;
+    }
+    let list: Vec<String> = (1..=old.commit + 1).map(|p| p.to_string()).collect();
+    let r = api.get(
+        "/db/page",
+        &[
+            ("db", "m"),
+            ("pos", &old.pos.to_string()),
+            ("pgno", &list.join(",")),
+        ],
+    );
+    let got: PagesResponse = r.ok().json();
+    let got: BTreeMap<u32, Vec<u8>> = got.pages.into_iter().map(|p| (p.pgno, p.data)).collect();
+    assert_eq!(got, old.pages, "pages at {}", old.pos);
+}
+
+fn check_snapshot(api: &Api, old: &Model) {
+    let txid = old.pos.txid.to_string();
+    let r = api.get(
+        "/db/snapshot",
+        &[("db", "m"), ("txid", &txid), ("format", "ltx")],
+    );
+    let f = ltx::decode(&r.ok().body).expect("snapshot verifies");
+    assert_eq!(f.trailer.post_apply_checksum, old.pos.checksum.0);
+    let image: BTreeMap<u32, Vec<u8>> = f.pages.into_iter().collect();
+    assert_eq!(image, old.pages, "snapshot at {}", old.pos);
+}
+
+/// Every page whose content differs between `old` and `now` must be listed.
+fn check_changes(api: &Api, old: &Model, now: &Model) {
+    let q = [("db", "m"), ("pos", &old.pos.to_string())];
+    let c: Changes = api.get("/db/sync", &q).ok().json();
+    assert_eq!(c.pos, now.pos);
+    if c.drops_all() {
+        assert_eq!(old.pos.txid.0, 0, "all:true for a retained position");
+        return;
+    }
+    let listed = c.pgnos.unwrap_or_default();
+    let top = old.commit.max(now.commit);
+    for p in 1..=top {
+        if old.pages.get(&p) != now.pages.get(&p) {
+            assert!(
+                listed.contains(&p),
+                "page {p} changed {} -> {} but not listed",
+                old.pos,
+                now.pos
+            );
+        }
+    }
+}
+
+#[test]
+fn history_matches_the_model() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut m = Model::new(PS);
+    let mut history: Vec<Model> = Vec::new();
+    // restores, uploads, shrinks, deletions: every kind must happen for the test to mean much.
+    let mut seen = [0u32; 4];
+    for step in 0..120 {
+        match rng.below(10) {
+            0 if !history.is_empty() => {
+                let target = history[rng.below(history.len() as u64) as usize].clone();
+                let q = [("db", "m"), ("txid", &target.pos.txid.to_string())];
+                let r: TxidResponse = api.post("/db/restore", &q, vec![]).ok().json();
+                seen[0] += 1;
+                if r.txid != m.pos.txid {
+                    m = Model {
+                        pos: api.pos("m").unwrap(),
+                        ..target
+                    };
+                    assert_eq!(m.pos.txid, r.txid);
+                    assert_eq!(m.pos.checksum.0, m.checksum());
+                }
+            }
+            1 if m.commit > 0 => {
+                let r: TxidResponse = api
+                    .post("/db/upload", &[("db", "m")], m.image())
+                    .ok()
+                    .json();
+                m.pos = api.pos("m").unwrap();
+                assert_eq!((m.pos.txid, m.pos.checksum.0), (r.txid, m.checksum()));
+                seen[1] += 1;
+            }
+            _ => {
+                let (commit, changes) = random_commit(&mut rng, &m);
+                seen[2] += u32::from(commit > 0 && commit < m.commit);
+                seen[3] += u32::from(commit == 0);
+                m.commit(&api, "m", commit, &changes);
+            }
+        }
+        history.push(m.clone());
+        let old = &history[rng.below(history.len() as u64) as usize];
+        check_pages(&api, old);
+        check_snapshot(&api, old);
+        check_changes(&api, old, &m);
+        assert_eq!(api.pos("m"), Some(m.pos), "step {step}");
+    }
+    assert!(
+        seen.iter().all(|n| *n > 0),
+        "restores, uploads, shrinks, deletions: {seen:?}"
+    );
+}
