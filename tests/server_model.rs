@@ -72,9 +72,11 @@ fn random_commit(rng: &mut Rng, m: &Model) -> (u32, Vec<(u32, Vec<u8>)>) {
 }
 
 /// Every page of `old` as the server serves it at `old`'s position.
-fn check_pages(api: &Api, old: &Model) {
+/// With `compacting`, a position may be gone (refused), but what is served must be right.
+/// Returns whether the position was served.
+fn check_pages(api: &Api, old: &Model, compacting: bool) -> bool {
     if old.commit == 0 {
-        return;
+        return true;
     }
     let list: Vec<String> = (1..=old.commit + 1).map(|p| p.to_string()).collect();
     let r = api.get(
@@ -85,30 +87,61 @@ fn check_pages(api: &Api, old: &Model) {
             ("pgno", &list.join(",")),
         ],
     );
+    if compacting && r.status == 409 {
+        r.err(409, "EPOSMISMATCH");
+        return false;
+    }
     let got: PagesResponse = r.ok().json();
     let got: BTreeMap<u32, Vec<u8>> = got.pages.into_iter().map(|p| (p.pgno, p.data)).collect();
     assert_eq!(got, old.pages, "pages at {}", old.pos);
+    true
 }
 
-fn check_snapshot(api: &Api, old: &Model) {
+fn check_snapshot(api: &Api, old: &Model, compacting: bool) {
     let txid = old.pos.txid.to_string();
     let r = api.get(
         "/db/snapshot",
         &[("db", "m"), ("txid", &txid), ("format", "ltx")],
     );
+    if compacting && r.status == 404 {
+        r.err(404, "ENOTXID");
+        return;
+    }
     let f = ltx::decode(&r.ok().body).expect("snapshot verifies");
     assert_eq!(f.trailer.post_apply_checksum, old.pos.checksum.0);
     let image: BTreeMap<u32, Vec<u8>> = f.pages.into_iter().collect();
     assert_eq!(image, old.pages, "snapshot at {}", old.pos);
 }
 
+fn compactions(api: &Api) -> u64 {
+    let text = api.get("/metrics", &[]).ok().text();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("litevfs_compactions_total "));
+    line.unwrap().parse().unwrap()
+}
+
+/// Waits until four more compaction passes ran: the last started more than the retention after
+/// now, so every position older than the current one is compacted away.
+fn wait_for_compaction(api: &Api) {
+    let start = compactions(api);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while compactions(api) < start + 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "compaction does not run"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Every page whose content differs between `old` and `now` must be listed.
-fn check_changes(api: &Api, old: &Model, now: &Model) {
+fn check_changes(api: &Api, old: &Model, now: &Model, compacting: bool) {
     let q = [("db", "m"), ("pos", &old.pos.to_string())];
     let c: Changes = api.get("/db/sync", &q).ok().json();
     assert_eq!(c.pos, now.pos);
     if c.drops_all() {
-        assert_eq!(old.pos.txid.0, 0, "all:true for a retained position");
+        assert!(compacting, "all:true for a retained position");
         return;
     }
     let listed = c.pgnos.unwrap_or_default();
@@ -127,19 +160,36 @@ fn check_changes(api: &Api, old: &Model, now: &Model) {
 
 #[test]
 fn history_matches_the_model() {
-    let s = Server::start(&[]);
+    run(&[], 0x9e37_79b9_7f4a_7c15);
+}
+
+#[test]
+fn compaction_never_serves_wrong_data() {
+    run(&["--retention", "200ms"], 0x1234_5678_9abc_def1);
+}
+
+fn run(args: &[&str], seed: u64) {
+    let compacting = !args.is_empty();
+    let s = Server::start(args);
     let api = s.api();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng(seed);
     let mut m = Model::new(PS);
     let mut history: Vec<Model> = Vec::new();
     // restores, uploads, shrinks, deletions: every kind must happen for the test to mean much.
     let mut seen = [0u32; 4];
+    // Old positions refused and served.
+    let mut served = [0u32; 2];
     for step in 0..120 {
         match rng.below(10) {
             0 if !history.is_empty() => {
                 let target = history[rng.below(history.len() as u64) as usize].clone();
                 let q = [("db", "m"), ("txid", &target.pos.txid.to_string())];
-                let r: TxidResponse = api.post("/db/restore", &q, vec![]).ok().json();
+                let r = api.post("/db/restore", &q, vec![]);
+                if compacting && r.status == 404 {
+                    r.err(404, "ENOTXID");
+                    continue;
+                }
+                let r: TxidResponse = r.ok().json();
                 seen[0] += 1;
                 if r.txid != m.pos.txid {
                     m = Model {
@@ -167,10 +217,13 @@ fn history_matches_the_model() {
             }
         }
         history.push(m.clone());
+        if compacting && step == 60 {
+            wait_for_compaction(&api);
+        }
         let old = &history[rng.below(history.len() as u64) as usize];
-        check_pages(&api, old);
-        check_snapshot(&api, old);
-        check_changes(&api, old, &m);
+        served[usize::from(check_pages(&api, old, compacting))] += 1;
+        check_snapshot(&api, old, compacting);
+        check_changes(&api, old, &m, compacting);
         assert_eq!(api.pos("m"), Some(m.pos), "step {step}");
     }
     assert!(
