@@ -465,7 +465,8 @@ fn info_healthz_metrics() {
         .ok();
     api.get("/db/page", &[("db", "m"), ("pos", &ps), ("pgno", "9")])
         .err(404, "ENOPAGE");
-    api.post("/lease", &[("db", "m")], vec![]).ok();
+    api.post("/lease", &[("db", "m"), ("duration", "600000")], vec![])
+        .ok();
     api.post("/lease", &[("db", "m")], vec![])
         .err(409, "ELEASEEXISTS");
     let text = api.get("/metrics", &[]).ok().text();
@@ -610,7 +611,7 @@ fn sigterm_shuts_down_gracefully() {
             )
         })
     };
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
     let status = std::process::Command::new("kill")
         .args(["-TERM", &s.pid().to_string()])
         .status()

@@ -142,7 +142,7 @@ fn lease_lifecycle() {
     let s = Server::start(&[]);
     let api = s.api();
     let lease: Lease = api
-        .post("/lease", &[("db", "l"), ("duration", "5000")], vec![])
+        .post("/lease", &[("db", "l"), ("duration", "600000")], vec![])
         .ok()
         .json();
     assert!(lease.expires_at > time::OffsetDateTime::now_utc());
@@ -161,7 +161,7 @@ fn lease_lifecycle() {
     let refreshed: Lease = api
         .post(
             "/lease",
-            &[("db", "l"), ("id", &lease.id), ("duration", "5000")],
+            &[("db", "l"), ("id", &lease.id), ("duration", "600000")],
             vec![],
         )
         .ok()
@@ -238,7 +238,7 @@ fn lease_race_has_one_winner() {
         let db = format!("race{round}");
         let a = api.clone();
         let statuses = race(16, move |_| {
-            a.post("/lease", &[("db", &db), ("duration", "10000")], vec![])
+            a.post("/lease", &[("db", &db), ("duration", "600000")], vec![])
                 .status
         });
         assert_eq!(
