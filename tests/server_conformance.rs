@@ -484,6 +484,31 @@ fn info_healthz_metrics() {
     }
 }
 
+/// Request methods are client-chosen (`FOO1`, `FOO2`, ...): counting each under its own label
+/// would let anyone, without a token, grow the metrics table and `/metrics` without bound.
+#[test]
+fn metrics_labels_stay_bounded_whatever_the_method() {
+    let s = Server::start(&["--token", "t=c:rw"]);
+    let anon = s.api();
+    for i in 0..20 {
+        let m = reqwest::Method::from_bytes(format!("FOO{i}").as_bytes()).unwrap();
+        let path = if i % 2 == 0 { "/nowhere" } else { "/db/page" };
+        let r = anon.send(anon.req(m, path, &[]));
+        assert!(r.status == 404 || r.status == 405, "{}", r.text());
+    }
+    let text = anon.get("/metrics", &[]).ok().text();
+    assert!(
+        !text.contains("FOO"),
+        "client methods became labels:\n{text}"
+    );
+    for want in [
+        "litevfs_http_requests_total{route=\"unmatched\",method=\"other\",status=\"404\"} 10",
+        "litevfs_http_requests_total{route=\"/db/page\",method=\"other\",status=\"405\"} 10",
+    ] {
+        assert!(text.contains(want), "missing {want} in\n{text}");
+    }
+}
+
 #[test]
 fn auth_tokens() {
     let dir = tempfile::tempdir().unwrap();

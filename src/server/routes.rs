@@ -2,7 +2,8 @@
 //! that counts requests (and, for benchmarks only, delays them).
 //!
 //! Invariant: every path and method gets a JSON reply; a route label in metrics is one of
-//! [`ROUTES`] or `unmatched`, so label cardinality stays bounded whatever clients send.
+//! [`ROUTES`] or `unmatched`, and a method label one of [`METHODS`] or `other`, so label
+//! cardinality stays bounded whatever clients send.
 
 use std::sync::Arc;
 
@@ -35,6 +36,9 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/metrics",
 ];
+
+/// Method labels of the request metric; any other (extension) method counts as `other`.
+pub const METHODS: &[&str] = &["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"];
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -90,6 +94,11 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
         .copied()
         .unwrap_or("unmatched");
     let method = req.method().clone();
+    let method_label = METHODS
+        .iter()
+        .find(|m| **m == method.as_str())
+        .copied()
+        .unwrap_or("other");
     let db = req
         .uri()
         .query()
@@ -100,7 +109,7 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     let started = std::time::Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
-    app.metrics.request(route, method.as_str(), status);
+    app.metrics.request(route, method_label, status);
     let elapsed_ms = started.elapsed().as_millis() as u64;
     span.in_scope(|| tracing::debug!(status, elapsed_ms, "request"));
     resp
