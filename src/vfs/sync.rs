@@ -14,6 +14,8 @@ use super::database::Database;
 
 /// How long one long-poll request may wait for a change.
 pub const LONG_POLL_WAIT: Duration = Duration::from_secs(5);
+/// Least time between two polls.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Runs forever.
 pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
@@ -52,9 +54,11 @@ pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
         match result {
             Ok(Ok(mut changes)) => {
                 let moved = dbs.iter().any(|d| {
-                    changes
-                        .get(&d.name)
-                        .is_none_or(|c| c.pos != positions[&d.name])
+                    let sent = positions[&d.name];
+                    match changes.get(&d.name) {
+                        Some(c) => c.pos != sent || c.drops_all(),
+                        None => !sent.is_zero(),
+                    }
                 });
                 for d in &dbs {
                     d.offer(positions[&d.name], changes.remove(&d.name));
@@ -67,6 +71,9 @@ pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
                 }
                 if !long_poll {
                     std::thread::sleep(period);
+                } else if started.elapsed() < MIN_POLL_INTERVAL {
+                    // A store that answers at once every time must not make this loop spin.
+                    std::thread::sleep(MIN_POLL_INTERVAL);
                 }
             }
             Ok(Err(e)) => {
