@@ -417,6 +417,8 @@ impl Database {
         if st.wal {
             return Err(Error::WalWrite(self.name.clone()));
         }
+        // Renew here too when due: a starved refresher thread must not fail a write.
+        self.refresh_lease();
         if !self.lease.lock().as_ref().is_some_and(HeldLease::is_live) {
             return Err(Error::NoLease(self.name.clone()));
         }

@@ -132,6 +132,7 @@ impl Database {
             dirty.insert(1, p1);
             built = commit::build(&base, &dirty, new_size, &committed)?.expect("page 1 changed");
         }
+        self.refresh_lease();
         let lease_id = self
             .lease
             .lock()
