@@ -576,3 +576,100 @@ fn retention_compacts_history() {
     .err(404, "ENOTXID");
     m.commit(&api, "g", 2, &[(1, page(512, 1))]);
 }
+
+/// A fake SQLite file of `pages` 4 KiB pages, each different (enough for `POST /db/upload`).
+fn fake_sqlite(pages: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pages as usize * 4096);
+    for p in 0..pages {
+        out.extend((0..4096u32).map(|i| (i.wrapping_mul(31) ^ p.wrapping_mul(7919)) as u8));
+    }
+    out[..16].copy_from_slice(b"SQLite format 3\0");
+    out[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    out[18] = 1;
+    out[19] = 1;
+    out
+}
+
+/// Polls `cond` until it holds (true) or a generous deadline passes (false). Not a timing
+/// assertion: it only bounds how long a broken server can hang the test.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Whether a TRUNCATE checkpoint of the store can run now, i.e. no read transaction is open.
+fn store_checkpoints(dir: &std::path::Path) -> bool {
+    let conn = rusqlite::Connection::open(dir.join("store.db")).unwrap();
+    conn.busy_timeout(Duration::ZERO).unwrap();
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap_or(1);
+    busy == 0
+}
+
+/// A snapshot reader that stops reading (a frozen Lambda, a hung consumer) must not keep its
+/// read transaction, and so the whole write-ahead log, pinned forever: after the stall timeout
+/// the transfer is aborted and the store can checkpoint again.
+#[test]
+fn stalled_snapshot_reader_is_dropped() {
+    use std::io::{Read, Write};
+    let s = Server::start(&["--stall-timeout", "1s"]);
+    let api = s.api();
+    api.post("/db/upload", &[("db", "big")], fake_sqlite(10_000))
+        .ok();
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        sock,
+        "GET /db/snapshot?db=big&format=sqlite HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    // Read the status line, so the snapshot has started, then never read again.
+    let mut first = [0u8; 12];
+    sock.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // A commit after the snapshot began: the log can only be checkpointed past it once the
+    // snapshot's read transaction is over.
+    let mut next = fake_sqlite(10_000);
+    next[8192] ^= 1;
+    api.post("/db/upload", &[("db", "big")], next).ok();
+    assert!(
+        eventually(|| store_checkpoints(&s.dir)),
+        "a stalled snapshot reader pins the store's read transaction"
+    );
+    api.get("/healthz", &[]).ok();
+    drop(sock);
+}
+
+/// A client that starts a body and never finishes it gets an error instead of holding the
+/// connection (and up to 8 MiB of buffered body) forever.
+#[test]
+fn stalled_request_body_is_refused() {
+    use std::io::{Read, Write};
+    let s = Server::start(&["--stall-timeout", "1s"]);
+    let addr = s.base.strip_prefix("http://").unwrap();
+    for path in ["/db/tx?db=x", "/db/upload?db=x", "/sync"] {
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            sock,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789"
+        )
+        .unwrap();
+        let mut reply = Vec::new();
+        let _ = sock.read_to_end(&mut reply);
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.starts_with("HTTP/1.1 400") && reply.contains("EBADINPUT"),
+            "{path}: {reply:?}"
+        );
+    }
+    assert!(s.api().positions().is_empty());
+}

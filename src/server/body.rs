@@ -3,10 +3,12 @@
 //! Invariant: no body larger than `--max-body-size` is ever accepted (413 `ETOOLARGE`), and no
 //! body larger than [`MEMORY_LIMIT`] is held in memory: it goes to an anonymous temporary file in
 //! `DATA_DIR/tmp` that disappears when dropped. Bodies are read completely before the store
-//! sees them, so a slow client never holds the store's writer.
+//! sees them, so a slow client never holds the store's writer; a body that makes no progress
+//! for `--stall-timeout` is refused (400 `EBADINPUT`), so a stalled client holds nothing forever.
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::HeaderMap;
@@ -60,19 +62,40 @@ fn too_large(limit: u64) -> ApiError {
 /// reset connection. Past this the connection is simply closed.
 const DRAIN_LIMIT: u64 = 64 << 20;
 
-/// Discards the rest of `stream` (bounded by [`DRAIN_LIMIT`]) and returns the 413 error.
-async fn reject<S>(mut stream: S, limit: u64) -> ApiError
+/// Discards the rest of `stream` (bounded by [`DRAIN_LIMIT`] and by `stall` without progress)
+/// and returns the 413 error.
+async fn reject<S>(mut stream: S, limit: u64, stall: Duration) -> ApiError
 where
     S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
 {
     let mut drained = 0u64;
     while drained < DRAIN_LIMIT {
-        match stream.next().await {
-            Some(Ok(chunk)) => drained += chunk.len() as u64,
+        match tokio::time::timeout(stall, stream.next()).await {
+            Ok(Some(Ok(chunk))) => drained += chunk.len() as u64,
             _ => break,
         }
     }
     too_large(limit)
+}
+
+/// The next chunk of `stream`: `None` at the end, 400 `EBADINPUT` if it fails or if nothing
+/// arrives for `stall`.
+async fn next_chunk<S>(stream: &mut S, stall: Duration) -> ApiResult<Option<axum::body::Bytes>>
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
+{
+    match tokio::time::timeout(stall, stream.next()).await {
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(e))) => Err(ApiError::new(
+            ErrorCode::BadInput,
+            format!("reading request body: {e}"),
+        )),
+        Ok(None) => Ok(None),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::BadInput,
+            format!("request body stalled: no data for {}ms", stall.as_millis()),
+        )),
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -84,27 +107,25 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Reads `body` (at most `limit` bytes), spilling to a temporary file in `tmp_dir` past
-/// [`MEMORY_LIMIT`].
+/// Reads `body` (at most `limit` bytes, none of them more than `stall` after the previous),
+/// spilling to a temporary file in `tmp_dir` past [`MEMORY_LIMIT`].
 pub async fn spool(
     headers: &HeaderMap,
     body: Body,
     limit: u64,
+    stall: Duration,
     tmp_dir: &Path,
 ) -> ApiResult<Spool> {
     let mut stream = body.into_data_stream();
     if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(reject(stream, limit).await);
+        return Err(reject(stream, limit, stall).await);
     }
     let mut mem = Vec::new();
     let mut file: Option<(std::fs::File, u64)> = None;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(ErrorCode::BadInput, format!("reading request body: {e}"))
-        })?;
+    while let Some(chunk) = next_chunk(&mut stream, stall).await? {
         let total = file.as_ref().map_or(mem.len() as u64, |f| f.1) + chunk.len() as u64;
         if total > limit {
-            return Err(reject(stream, limit).await);
+            return Err(reject(stream, limit, stall).await);
         }
         if file.is_none() && total as usize > MEMORY_LIMIT {
             let mut f = tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?;
@@ -127,19 +148,21 @@ pub async fn spool(
     })
 }
 
-/// Reads a small body (JSON) completely, at most `limit` bytes.
-pub async fn read_small(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult<Vec<u8>> {
+/// Reads a small body (JSON) completely, at most `limit` bytes, stalling at most `stall`.
+pub async fn read_small(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    stall: Duration,
+) -> ApiResult<Vec<u8>> {
     let mut stream = body.into_data_stream();
     if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(reject(stream, limit).await);
+        return Err(reject(stream, limit, stall).await);
     }
     let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(ErrorCode::BadInput, format!("reading request body: {e}"))
-        })?;
+    while let Some(chunk) = next_chunk(&mut stream, stall).await? {
         if (out.len() + chunk.len()) as u64 > limit {
-            return Err(reject(stream, limit).await);
+            return Err(reject(stream, limit, stall).await);
         }
         out.extend_from_slice(&chunk);
     }

@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Allow anonymous access on a non-loopback address when no token is configured.
     #[arg(long, env = "LITEVFS_INSECURE")]
     pub insecure: bool,
+    /// Longest a client may stall mid-transfer: a request body that receives no bytes, or a
+    /// snapshot that the client does not read, for this long is aborted (e.g. 60s, 500ms).
+    #[arg(long, env = "LITEVFS_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
     /// FOR BENCHMARKS ONLY: sleep this many milliseconds before handling every request, to
     /// simulate a remote page store.
     #[arg(long, env = "LITEVFS_DELAY_MS", default_value_t = 0)]
@@ -91,6 +95,8 @@ pub struct Config {
     pub retention: Duration,
     pub max_body_size: u64,
     pub tokens: HashMap<String, Grant>,
+    /// How long a transfer may make no progress before it is aborted.
+    pub stall_timeout: Duration,
     pub delay: Duration,
 }
 
@@ -122,6 +128,7 @@ impl Config {
             retention: args.retention,
             max_body_size: args.max_body_size,
             tokens,
+            stall_timeout: args.stall_timeout.max(Duration::from_millis(1)),
             delay: Duration::from_millis(args.delay_ms),
         })
     }

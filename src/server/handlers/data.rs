@@ -74,6 +74,7 @@ pub async fn post_tx(
         &headers,
         body,
         app.config.max_body_size,
+        app.config.stall_timeout,
         app.store.tmp_dir(),
     )
     .await?;

@@ -4,16 +4,21 @@
 //! Snapshots stream: the store writes pages into a bounded channel from a blocking thread while
 //! the response body drains it, so memory stays flat for any database size. A failure after the
 //! first byte aborts the response (the client sees a broken transfer, never a short file that
-//! looks complete). Uploads, restores and deletes are administrative: they ignore leases.
+//! looks complete), and so does a client that reads nothing for `--stall-timeout`: the snapshot
+//! holds a read transaction, which must not stay open (pinning the store's write-ahead log)
+//! for as long as a stalled client keeps its connection. Uploads, restores and deletes are
+//! administrative: they ignore leases.
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{blocking, db_key, parse_txid};
@@ -37,6 +42,10 @@ struct ChannelWriter {
     tx: mpsc::Sender<Chunk>,
     buf: Vec<u8>,
     app: Arc<App>,
+    /// The runtime, to wait for room in the channel with a timeout from the blocking thread.
+    rt: tokio::runtime::Handle,
+    /// Longest wait for the client to take a chunk.
+    stall: Duration,
 }
 
 impl Write for ChannelWriter {
@@ -54,9 +63,20 @@ impl Write for ChannelWriter {
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         Metrics::add(&self.app.metrics.snapshot_bytes_served, chunk.len() as u64);
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+        match self
+            .rt
+            .block_on(self.tx.send_timeout(Ok(chunk), self.stall))
+        {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "client went away",
+            )),
+            Err(SendTimeoutError::Timeout(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("client read nothing for {}ms", self.stall.as_millis()),
+            )),
+        }
     }
 }
 
@@ -88,6 +108,7 @@ pub async fn get_snapshot(
     let (ready_tx, ready_rx) = oneshot::channel::<SnapshotPlan>();
     let (data_tx, mut data_rx) = mpsc::channel::<Chunk>(4);
     let (store, app2) = (app.store.clone(), app.clone());
+    let (rt, stall) = (tokio::runtime::Handle::current(), app.config.stall_timeout);
     let task = tokio::task::spawn_blocking(move || {
         let err_tx = data_tx.clone();
         let r = store.snapshot(&key, txid, format, |plan| {
@@ -96,11 +117,15 @@ pub async fn get_snapshot(
                 tx: data_tx,
                 buf: Vec::with_capacity(CHUNK),
                 app: app2,
+                rt,
+                stall,
             })
         });
         if let Err(e) = &r {
             tracing::warn!(db = %key.name, error = %e, "snapshot aborted");
-            let _ = err_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            // Never wait here: the channel may be full because the client stalled. Without the
+            // error item the body still ends short of its Content-Length, which aborts it.
+            let _ = err_tx.try_send(Err(std::io::Error::other(e.to_string())));
         }
         r
     });
@@ -142,6 +167,7 @@ pub async fn post_upload(
         &headers,
         body,
         app.config.max_body_size,
+        app.config.stall_timeout,
         app.store.tmp_dir(),
     )
     .await?;

@@ -97,7 +97,8 @@ pub async fn post_sync(
     body: Body,
 ) -> ApiResult<Json<SyncResponse>> {
     let wait = parse_wait(&params)?;
-    let bytes = read_small(&headers, body, MAX_SYNC_BODY.min(app.config.max_body_size)).await?;
+    let limit = MAX_SYNC_BODY.min(app.config.max_body_size);
+    let bytes = read_small(&headers, body, limit, app.config.stall_timeout).await?;
     let req: SyncRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(ErrorCode::BadInput, format!("invalid sync request: {e}")))?;
     for name in req.positions.keys() {
