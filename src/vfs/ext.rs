@@ -66,6 +66,7 @@ unsafe fn init(
     let Some(api) = (unsafe { p_api.as_ref() }) else {
         return vars::SQLITE_ERROR;
     };
+    // SAFETY: `p_api` and `api` are the same live routine table (checked non-null above).
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         register(p_api, api, make_default)
     }));
