@@ -673,3 +673,41 @@ fn stalled_request_body_is_refused() {
     }
     assert!(s.api().positions().is_empty());
 }
+
+/// A SQLite file cut short (its valid header counts more pages than it has) is corrupt: SQLite
+/// refuses it. The upload must refuse it too instead of storing a database nobody can open.
+#[test]
+fn upload_of_truncated_sqlite_file_is_refused() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.db");
+    let p = src.to_str().unwrap();
+    sqlite3(&[
+        p,
+        "PRAGMA page_size=1024; CREATE TABLE t(x); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 200) INSERT INTO t SELECT randomblob(500) FROM n;",
+    ]);
+    let bytes = std::fs::read(&src).unwrap();
+    let pages = u32::from_be_bytes(bytes[28..32].try_into().unwrap());
+    assert_eq!(pages as usize * 1024, bytes.len());
+    let cut = bytes[..(pages as usize / 2) * 1024].to_vec();
+    let half = dir.path().join("half.db");
+    std::fs::write(&half, &cut).unwrap();
+    let check = std::process::Command::new("sqlite3")
+        .args([half.to_str().unwrap(), "PRAGMA integrity_check"])
+        .output()
+        .expect("sqlite3 shell");
+    assert!(
+        !check.status.success() || String::from_utf8_lossy(&check.stdout).trim() != "ok",
+        "sqlite itself refuses the cut file"
+    );
+    let e = api.post("/db/upload", &[("db", "cut")], cut.clone());
+    e.err(422, "EBADHEADER");
+    assert_eq!(api.pos("cut"), None, "a refused upload changes nothing");
+    // On an existing database too, and the whole file is still accepted afterwards.
+    api.post("/db/upload", &[("db", "cut")], bytes.clone()).ok();
+    let before = api.pos("cut");
+    api.post("/db/upload", &[("db", "cut")], cut)
+        .err(422, "EBADHEADER");
+    assert_eq!(api.pos("cut"), before);
+}

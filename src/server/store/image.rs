@@ -82,6 +82,13 @@ impl Store {
             )));
         }
         let commit = (len / ps) as u32;
+        if hdr.size_valid && hdr.page_count > commit {
+            // SQLite trusts a valid in-header size and reports such a file as corrupt.
+            return Err(StoreError::BadHeader(format!(
+                "file is truncated: its header counts {} pages, the file has {commit}",
+                hdr.page_count
+            )));
+        }
         let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
             if pgno == 1 {
                 buf[..first.len()].copy_from_slice(&first);
