@@ -61,11 +61,17 @@ fn compact_db(tx: &Connection, db_id: i64, cutoff_ms: u64) -> StoreResult<(u64, 
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let prev: i64 = tx.query_row(
-        "SELECT compacted_txid FROM dbs WHERE id = ?1",
-        [db_id],
-        |r| r.get(0),
-    )?;
+    // The database may have been deleted since the pass listed it: nothing to do then.
+    let Some(prev) = tx
+        .query_row(
+            "SELECT compacted_txid FROM dbs WHERE id = ?1",
+            [db_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+    else {
+        return Ok((0, 0));
+    };
     let Some((k_txid, k_commit)) = k.filter(|(k, _)| *k != prev) else {
         return Ok((0, 0));
     };
@@ -154,6 +160,22 @@ mod tests {
             let got = store.pages_at(&key(), *pos, &[1]).unwrap();
             assert_eq!(got.pages[0].1, vec![i as u8; 512]);
         }
+    }
+
+    /// A pass lists the databases to compact, then takes the writer for each: one deleted in
+    /// between must be skipped, not fail the whole pass (leaving the others uncompacted).
+    #[test]
+    fn a_database_deleted_during_a_pass_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::ZERO).unwrap();
+        commits(&store, &key(), 3);
+        let id: i64 = store
+            .read(|tx| Ok(tx.query_row("SELECT id FROM dbs", [], |r| r.get(0))?))
+            .unwrap();
+        store.delete_db(&key()).unwrap();
+        let cutoff = super::now_ms() + 1;
+        let done = store.write(|tx| super::compact_db(tx, id, cutoff));
+        assert_eq!(done.unwrap(), (0, 0));
     }
 
     #[test]
