@@ -12,10 +12,12 @@
 
 use std::io::{self, Read, Write};
 
-use crc::{CRC_64_GO_ISO, Crc};
+use crc::{CRC_64_GO_ISO, Crc, Table};
 
-/// The CRC every LTX checksum uses (Go's `crc64.ISO`).
-pub const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_GO_ISO);
+/// The CRC every LTX checksum uses (Go's `crc64.ISO`), slice-by-16: every page that enters or is
+/// read from a cache is checksummed, so this is on the read path.
+pub const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
+type Digest<'c> = crc::Digest<'c, u64, Table<16>>;
 /// Bit 63, set in every valid checksum.
 pub const CHECKSUM_FLAG: u64 = 1 << 63;
 /// The checksum of a database with no pages.
@@ -260,7 +262,7 @@ fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Resul
 pub struct Reader<'c, R: Read> {
     body: Body<R>,
     header: Header,
-    digest: crc::Digest<'c, u64>,
+    digest: Digest<'c>,
     last_pgno: u32,
     done: bool,
     /// Rolling checksum of the pages read so far (used to verify snapshots).
@@ -446,7 +448,7 @@ impl<W: Write> Write for Sink<W> {
 pub struct Writer<'c, W: Write> {
     sink: Sink<W>,
     header: Header,
-    digest: crc::Digest<'c, u64>,
+    digest: Digest<'c>,
     last_pgno: u32,
 }
 
