@@ -217,6 +217,39 @@ fn bad_ltx_changes_nothing() {
     api.tx("d", good).ok();
 }
 
+/// A database may legally reach TXID 7fffffffffffffff (the largest a SQLite integer holds).
+/// Upload and restore append at head+1: that must be refused, not stored as a negative TXID
+/// that leaves the store claiming one head and serving another.
+#[test]
+fn txid_space_exhausted_is_refused_by_upload_and_restore() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let top = i64::MAX as u64;
+    let mut m = Model::new(512);
+    m.commit(&api, "top", 1, &[(1, page(512, 7))]);
+    let one = page(512, 1);
+    let ck = ltx::checksum_xor(EMPTY_CHECKSUM, ltx::page_checksum(1, &one));
+    let last = ltx::encode(&hdr(1, 2, top, m.pos.checksum.0), &[(1, &one)], ck).unwrap();
+    api.tx("top", last).ok();
+    let pos = api.pos("top").unwrap();
+    assert_eq!(pos.txid.0, top);
+    let mut file = page(512, 0);
+    file[..16].copy_from_slice(b"SQLite format 3\0");
+    file[16..18].copy_from_slice(&512u16.to_be_bytes());
+    api.post("/db/upload", &[("db", "top")], file)
+        .err(400, "EBADINPUT");
+    let first = "0000000000000001";
+    api.post("/db/restore", &[("db", "top"), ("txid", first)], vec![])
+        .err(400, "EBADINPUT");
+    let t = format!("{top:016x}");
+    assert_eq!(api.pos("top"), Some(pos), "refused appends change nothing");
+    let got = api.snapshot("top");
+    assert_eq!(got.header.max_txid, top);
+    assert_eq!(got.pages, vec![(1, one)]);
+    let hwm: std::collections::BTreeMap<String, String> = api.get("/hwm", &[]).ok().json();
+    assert_eq!(hwm["top"], t);
+}
+
 #[test]
 fn shrink_and_delete() {
     let s = Server::start(&[]);

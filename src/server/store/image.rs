@@ -179,6 +179,12 @@ fn append_image(
             o.page_size
         )));
     }
+    // TXIDs are stored as SQLite integers: past i64::MAX the new head would sort below the old.
+    if old_txid >= i64::MAX as u64 {
+        return Err(StoreError::BadInput(format!(
+            "database is at TXID {old_txid:016x}, the largest there is: nothing can follow it"
+        )));
+    }
     let txid = old_txid + 1;
     let lock = lock_page(page_size);
     let mut checksum = EMPTY_CHECKSUM;
