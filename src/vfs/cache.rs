@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use lru::LruCache;
 
+use super::Pgno;
 use crate::ltx::{CRC64, page_checksum};
 use crate::wire::Pos;
 
@@ -58,7 +59,7 @@ pub struct Cache {
     page_size: u32,
     pos: Pos,
     page1: Option<Slot>,
-    lru: LruCache<u32, Slot>,
+    lru: LruCache<Pgno, Slot>,
     free: Vec<u32>,
     next_slot: u32,
     index_dirty: bool,
@@ -159,8 +160,8 @@ impl Cache {
         }
     }
 
-    fn entry(&mut self, pgno: u32, promote: bool) -> Option<Slot> {
-        if pgno == 1 {
+    fn entry(&mut self, pgno: Pgno, promote: bool) -> Option<Slot> {
+        if pgno == Pgno::ONE {
             return self.page1;
         }
         if promote {
@@ -171,8 +172,8 @@ impl Cache {
     }
 
     /// Whether the page is cached (does not count as a use).
-    pub fn contains(&self, pgno: u32) -> bool {
-        if pgno == 1 {
+    pub fn contains(&self, pgno: Pgno) -> bool {
+        if pgno == Pgno::ONE {
             self.page1.is_some()
         } else {
             self.lru.contains(&pgno)
@@ -181,7 +182,7 @@ impl Cache {
 
     /// Reads a cached page into `buf` (one page long). A slot whose bytes no longer match its
     /// checksum is dropped and reads as a miss.
-    pub fn get(&mut self, pgno: u32, buf: &mut [u8]) -> Result<bool> {
+    pub fn get(&mut self, pgno: Pgno, buf: &mut [u8]) -> Result<bool> {
         let Some(slot) = self.entry(pgno, true) else {
             return Ok(false);
         };
@@ -196,8 +197,8 @@ impl Cache {
             self.remove(pgno);
             return Ok(false);
         }
-        if page_checksum(pgno, buf) != slot.checksum {
-            tracing::debug!(db = %self.name, pgno, "cached page failed its checksum; dropped");
+        if page_checksum(pgno.0, buf) != slot.checksum {
+            tracing::debug!(db = %self.name, %pgno, "cached page failed its checksum; dropped");
             self.remove(pgno);
             return Ok(false);
         }
@@ -206,11 +207,11 @@ impl Cache {
 
     /// Stores a page of the cache's position. Sets the page size on first use; a page of
     /// another size is ignored. May evict least recently used pages to stay in `bounds`.
-    pub fn put(&mut self, pgno: u32, data: &[u8], bounds: Bounds) -> Result<()> {
+    pub fn put(&mut self, pgno: Pgno, data: &[u8], bounds: Bounds) -> Result<()> {
         if self.page_size == 0 {
             self.page_size = data.len() as u32;
         }
-        if data.len() != self.page_size as usize || pgno == 0 {
+        if data.len() != self.page_size as usize || pgno == Pgno(0) {
             return Ok(());
         }
         let slot = match self.entry(pgno, true) {
@@ -224,9 +225,9 @@ impl Cache {
             .map_err(io_err(&self.data_path()))?;
         let entry = Slot {
             slot,
-            checksum: page_checksum(pgno, data),
+            checksum: page_checksum(pgno.0, data),
         };
-        if pgno == 1 {
+        if pgno == Pgno::ONE {
             self.page1 = Some(entry);
         } else {
             self.lru.put(pgno, entry);
@@ -235,7 +236,7 @@ impl Cache {
         Ok(())
     }
 
-    fn take_slot(&mut self, pgno: u32, bounds: Bounds) -> Result<Option<u32>> {
+    fn take_slot(&mut self, pgno: Pgno, bounds: Bounds) -> Result<Option<u32>> {
         let at_max = bounds.max_pages > 0 && self.len() as u64 >= bounds.max_pages;
         if at_max {
             return Ok(self.evict_one(pgno));
@@ -254,8 +255,8 @@ impl Cache {
     }
 
     /// Evicts the least recently used page (never page 1) and hands out its slot.
-    fn evict_one(&mut self, for_pgno: u32) -> Option<u32> {
-        if for_pgno == 1 && self.lru.is_empty() {
+    fn evict_one(&mut self, for_pgno: Pgno) -> Option<u32> {
+        if for_pgno == Pgno::ONE && self.lru.is_empty() {
             // Page 1 always has room: it is the one page SQLite needs to notice changes.
             let s = self.next_slot;
             self.next_slot += 1;
@@ -265,8 +266,8 @@ impl Cache {
     }
 
     /// Drops one page.
-    pub fn remove(&mut self, pgno: u32) {
-        let slot = if pgno == 1 {
+    pub fn remove(&mut self, pgno: Pgno) {
+        let slot = if pgno == Pgno::ONE {
             self.page1.take()
         } else {
             self.lru.pop(&pgno)
@@ -279,17 +280,17 @@ impl Cache {
 
     /// Drops every page past `pages` (the database shrank).
     pub fn truncate(&mut self, pages: u32) {
-        let gone: Vec<u32> = self
+        let gone: Vec<Pgno> = self
             .lru
             .iter()
             .map(|(p, _)| *p)
-            .filter(|p| *p > pages)
+            .filter(|p| p.0 > pages)
             .collect();
         for p in gone {
             self.remove(p);
         }
         if pages == 0 {
-            self.remove(1);
+            self.remove(Pgno::ONE);
         }
     }
 
@@ -341,11 +342,11 @@ impl Cache {
         out.extend_from_slice(&(self.len() as u32).to_be_bytes());
         let entries = self
             .page1
-            .map(|s| (1u32, s))
+            .map(|s| (Pgno::ONE, s))
             .into_iter()
             .chain(self.lru.iter().rev().map(|(p, s)| (*p, *s)));
         for (pgno, s) in entries {
-            out.extend_from_slice(&pgno.to_be_bytes());
+            out.extend_from_slice(&pgno.0.to_be_bytes());
             out.extend_from_slice(&s.slot.to_be_bytes());
             out.extend_from_slice(&s.checksum.to_be_bytes());
         }
@@ -394,16 +395,16 @@ impl Cache {
         for i in 0..count {
             let o = 32 + 16 * i;
             let (pgno, slot) = (
-                be32(o),
+                Pgno(be32(o)),
                 Slot {
                     slot: be32(o + 4),
                     checksum: be64(o + 8),
                 },
             );
-            if pgno == 0 || u64::from(slot.slot) >= file_slots || !used.insert(slot.slot) {
+            if pgno == Pgno(0) || u64::from(slot.slot) >= file_slots || !used.insert(slot.slot) {
                 continue;
             }
-            if pgno == 1 {
+            if pgno == Pgno::ONE {
                 self.page1 = Some(slot)
             } else {
                 self.lru.put(pgno, slot);
@@ -453,14 +454,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
         for p in 1..=5 {
-            c.put(p, &page(p as u8), B).unwrap();
+            c.put(Pgno(p), &page(p as u8), B).unwrap();
         }
         assert_eq!(c.len(), 3);
         let mut buf = page(0);
-        assert!(c.get(1, &mut buf).unwrap());
+        assert!(c.get(Pgno(1), &mut buf).unwrap());
         assert_eq!(buf, page(1));
-        assert!(!c.contains(2) && !c.contains(3));
-        assert!(c.contains(4) && c.contains(5));
+        assert!(!c.contains(Pgno(2)) && !c.contains(Pgno(3)));
+        assert!(c.contains(Pgno(4)) && c.contains(Pgno(5)));
         // one data file, slots reused
         assert_eq!(
             std::fs::metadata(dir.path().join("db.pages"))
@@ -476,32 +477,32 @@ mod tests {
         {
             let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
             for p in 1..=3 {
-                c.put(p, &page(p as u8), B).unwrap();
+                c.put(Pgno(p), &page(p as u8), B).unwrap();
             }
             let mut buf = page(0);
-            c.get(2, &mut buf).unwrap(); // 3 is now least recently used
+            c.get(Pgno(2), &mut buf).unwrap(); // 3 is now least recently used
             c.set_pos(Pos::new(7, 1 << 63 | 9));
             c.persist().unwrap();
         }
         let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
         assert_eq!(c.pos(), Pos::new(7, 1 << 63 | 9));
         assert_eq!(c.len(), 3);
-        c.put(4, &page(4), B).unwrap();
-        assert!(!c.contains(3) && c.contains(2) && c.contains(1));
+        c.put(Pgno(4), &page(4), B).unwrap();
+        assert!(!c.contains(Pgno(3)) && c.contains(Pgno(2)) && c.contains(Pgno(1)));
     }
 
     #[test]
     fn stale_slot_reads_as_miss() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
-        c.put(2, &page(2), B).unwrap();
+        c.put(Pgno(2), &page(2), B).unwrap();
         c.persist().unwrap();
         c.data.write_all_at(&page(9), 0).unwrap();
         drop(c);
         let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
         let mut buf = page(0);
-        assert!(!c.get(2, &mut buf).unwrap());
-        assert!(!c.contains(2));
+        assert!(!c.get(Pgno(2), &mut buf).unwrap());
+        assert!(!c.contains(Pgno(2)));
     }
 
     #[test]
@@ -509,9 +510,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let private = dir.path().join("p");
         let mut c = Cache::open(&private, "db", false).unwrap().unwrap();
-        c.put(1, &page(1), B).unwrap();
+        c.put(Pgno(1), &page(1), B).unwrap();
         let mut buf = page(0);
-        assert!(c.get(1, &mut buf).unwrap() && buf == page(1));
+        assert!(c.get(Pgno(1), &mut buf).unwrap() && buf == page(1));
         assert!(!private.exists());
     }
 

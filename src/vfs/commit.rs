@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::ltx::{self, EMPTY_CHECKSUM, Header, LtxError, checksum_xor, lock_page, page_checksum};
+use super::Pgno;
+use crate::ltx::{self, EMPTY_CHECKSUM, Header, LtxError, checksum_xor, page_checksum};
 use crate::wire::Pos;
 
 /// The committed state a transaction starts from.
@@ -30,36 +31,39 @@ pub struct Built {
     /// Database size in pages after it.
     pub size: u32,
     /// Pages in the file (changed or new).
-    pub pages: Vec<u32>,
+    pub pages: Vec<Pgno>,
 }
 
 /// The pages whose committed content [`build`] needs: dirty pages inside the old size (to see
 /// whether they changed, and to remove their old checksum) and pages cut off by a shrink.
-pub fn needed_pages(base: &Base, dirty: &BTreeMap<u32, Vec<u8>>, new_size: u32) -> Vec<u32> {
+pub fn needed_pages(base: &Base, dirty: &BTreeMap<Pgno, Vec<u8>>, new_size: u32) -> Vec<Pgno> {
     if base.pos.is_zero() {
         return Vec::new();
     }
-    let lock = lock_page(base.page_size);
-    let keep = base.size.min(new_size);
-    let mut out: Vec<u32> = dirty.keys().copied().filter(|p| *p <= keep).collect();
-    out.extend((new_size + 1..=base.size).filter(|p| *p != lock));
+    let lock = Pgno::lock_page(base.page_size);
+    let keep = Pgno(base.size.min(new_size));
+    let mut out: Vec<Pgno> = dirty.range(..=keep).map(|(p, _)| *p).collect();
+    out.extend(Pgno::between(new_size, base.size).filter(|p| *p != lock));
     out
 }
 
-/// Builds the LTX of a transaction, or `None` when it changes nothing.
+/// Builds the LTX of a transaction, or `None` when it changes nothing. Work is proportional
+/// to the pages written and the pages gained or lost, not to the database size.
 pub fn build(
     base: &Base,
-    dirty: &BTreeMap<u32, Vec<u8>>,
+    dirty: &BTreeMap<Pgno, Vec<u8>>,
     new_size: u32,
-    committed: &HashMap<u32, Vec<u8>>,
+    committed: &HashMap<Pgno, Vec<u8>>,
 ) -> Result<Option<Built>, LtxError> {
     let fresh = base.pos.is_zero();
     let old_size = if fresh { 0 } else { base.size };
-    let lock = lock_page(base.page_size);
+    let lock = Pgno::lock_page(base.page_size);
     let zero = vec![0u8; base.page_size as usize];
-    let missing = |p: u32| LtxError::Pgno {
-        pgno: p,
-        why: "committed content unavailable",
+    let old_of = |p: Pgno| {
+        committed.get(&p).ok_or(LtxError::Pgno {
+            pgno: p.0,
+            why: "committed content unavailable",
+        })
     };
     let mut sum = if fresh {
         EMPTY_CHECKSUM
@@ -67,25 +71,25 @@ pub fn build(
         base.pos.checksum.0
     };
     let mut pages: Vec<(u32, &[u8])> = Vec::new();
-    for p in (1..=new_size).filter(|p| *p != lock) {
-        let new = match dirty.get(&p) {
-            Some(d) => d.as_slice(),
-            None if p > old_size => zero.as_slice(),
-            None => continue,
-        };
-        if p <= old_size {
-            let old = committed.get(&p).ok_or_else(|| missing(p))?;
-            if old.as_slice() == new {
-                continue;
-            }
-            sum = checksum_xor(sum, page_checksum(p, old));
+    for (&p, new) in dirty
+        .range(..=Pgno(old_size.min(new_size)))
+        .filter(|(p, _)| **p != lock)
+    {
+        let old = old_of(p)?;
+        if old == new {
+            continue;
         }
-        sum = checksum_xor(sum, page_checksum(p, new));
-        pages.push((p, new));
+        sum = checksum_xor(sum, page_checksum(p.0, old));
+        sum = checksum_xor(sum, page_checksum(p.0, new));
+        pages.push((p.0, new));
     }
-    for p in (new_size + 1..=old_size).filter(|p| *p != lock) {
-        let old = committed.get(&p).ok_or_else(|| missing(p))?;
-        sum = checksum_xor(sum, page_checksum(p, old));
+    for p in Pgno::between(old_size, new_size).filter(|p| *p != lock) {
+        let new = dirty.get(&p).map_or(zero.as_slice(), Vec::as_slice);
+        sum = checksum_xor(sum, page_checksum(p.0, new));
+        pages.push((p.0, new));
+    }
+    for p in Pgno::between(new_size, old_size).filter(|p| *p != lock) {
+        sum = checksum_xor(sum, page_checksum(p.0, old_of(p)?));
     }
     if pages.is_empty() && new_size == old_size {
         return Ok(None);
@@ -98,7 +102,7 @@ pub fn build(
         ltx: bytes,
         pos: Pos::new(txid, sum),
         size: new_size,
-        pages: pages.iter().map(|(p, _)| *p).collect(),
+        pages: pages.iter().map(|(p, _)| Pgno(*p)).collect(),
     }))
 }
 
@@ -144,7 +148,7 @@ mod tests {
             size: 0,
             page_size: 512,
         };
-        let dirty = BTreeMap::from([(1, vec![3u8; 512]), (2, vec![2u8; 512])]);
+        let dirty = BTreeMap::from([(Pgno(1), vec![3u8; 512]), (Pgno(2), vec![2u8; 512])]);
         let b = build(&base, &dirty, 2, &HashMap::new()).unwrap().unwrap();
         assert_eq!(b.pos, Pos::new(1, 0x8b87423eeeeeeeee));
         let f = ltx::decode(&b.ltx).unwrap();
@@ -159,16 +163,16 @@ mod tests {
             size: 2,
             page_size: 512,
         };
-        let committed = HashMap::from([(1, vec![3u8; 512]), (2, vec![2u8; 512])]);
-        let dirty = BTreeMap::from([(1, vec![3u8; 512]), (2, vec![4u8; 512])]);
-        assert_eq!(needed_pages(&base, &dirty, 2), vec![1, 2]);
+        let committed = HashMap::from([(Pgno(1), vec![3u8; 512]), (Pgno(2), vec![2u8; 512])]);
+        let dirty = BTreeMap::from([(Pgno(1), vec![3u8; 512]), (Pgno(2), vec![4u8; 512])]);
+        assert_eq!(needed_pages(&base, &dirty, 2), vec![Pgno(1), Pgno(2)]);
         let b = build(&base, &dirty, 2, &committed).unwrap().unwrap();
         assert_eq!(b.pos, Pos::new(2, 0xd078845888888888));
-        assert_eq!(b.pages, vec![2]);
+        assert_eq!(b.pages, vec![Pgno(2)]);
         let f = ltx::decode(&b.ltx).unwrap();
         assert_eq!(f.header.pre_apply_checksum, 0x8b87423eeeeeeeee);
         // A rollback that wrote the original pages back commits nothing.
-        let same = BTreeMap::from([(2, vec![2u8; 512])]);
+        let same = BTreeMap::from([(Pgno(2), vec![2u8; 512])]);
         assert!(build(&base, &same, 2, &committed).unwrap().is_none());
     }
 
@@ -201,17 +205,21 @@ mod tests {
             size: 4,
             page_size: 512,
         };
-        let committed: HashMap<u32, Vec<u8>> = old.iter().cloned().collect();
-        let dirty = BTreeMap::from([(1, vec![9u8; 512])]);
-        assert_eq!(needed_pages(&base, &dirty, 2), vec![1, 3, 4]);
+        let committed: HashMap<Pgno, Vec<u8>> =
+            old.iter().map(|(p, d)| (Pgno(*p), d.clone())).collect();
+        let dirty = BTreeMap::from([(Pgno(1), vec![9u8; 512])]);
+        assert_eq!(
+            needed_pages(&base, &dirty, 2),
+            vec![Pgno(1), Pgno(3), Pgno(4)]
+        );
         let b = build(&base, &dirty, 2, &committed).unwrap().unwrap();
         assert_eq!(
             b.pos.checksum.0,
             db_sum(&[(1, vec![9; 512]), (2, vec![2; 512])])
         );
-        let dirty = BTreeMap::from([(6, vec![6u8; 512])]);
+        let dirty = BTreeMap::from([(Pgno(6), vec![6u8; 512])]);
         let b = build(&base, &dirty, 6, &committed).unwrap().unwrap();
-        assert_eq!(b.pages, vec![5, 6]);
+        assert_eq!(b.pages, vec![Pgno(5), Pgno(6)]);
         let mut grown = old.clone();
         grown.push((5, vec![0; 512]));
         grown.push((6, vec![6; 512]));

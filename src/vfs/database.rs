@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::Pgno;
 use super::cache::{Bounds, Cache};
 use super::client::Client;
 use super::config::Settings;
@@ -39,9 +40,9 @@ pub struct Stats {
 /// Checks a fetched page: requested, one valid page long, page 1 a SQLite header of that page
 /// size, and its checksum when the store sent checksums. `Ok(true)` when the checksum was checked.
 pub fn verify_page(
-    pgno: u32,
+    pgno: Pgno,
     data: &[u8],
-    requested: &[u32],
+    requested: &[Pgno],
     checksums: Option<&super::client::PageChecksums>,
 ) -> std::result::Result<bool, String> {
     if !requested.contains(&pgno) {
@@ -50,7 +51,7 @@ pub fn verify_page(
     if !crate::ltx::valid_page_size(data.len() as u32) {
         return Err(format!("{} bytes long", data.len()));
     }
-    if pgno == 1 {
+    if pgno == Pgno::ONE {
         let h = DbHeader::parse(data).map_err(|e| e.to_string())?;
         if h.page_size as usize != data.len() {
             return Err(format!(
@@ -63,8 +64,10 @@ pub fn verify_page(
     let Some(sums) = checksums else {
         return Ok(false);
     };
-    let want = sums.get(&pgno).ok_or("the store sent no checksum for it")?;
-    let got = crate::ltx::page_checksum(pgno, data);
+    let want = sums
+        .get(&pgno.0)
+        .ok_or("the store sent no checksum for it")?;
+    let got = crate::ltx::page_checksum(pgno.0, data);
     if got != want.0 {
         return Err(format!("its checksum is {got:016x}, the store says {want}"));
     }
@@ -83,7 +86,7 @@ pub struct Pending {
 #[derive(Debug)]
 pub struct WriteTxn {
     pub owner: ConnId,
-    pub dirty: BTreeMap<u32, Vec<u8>>,
+    pub dirty: BTreeMap<Pgno, Vec<u8>>,
     /// Database size in pages as SQLite sees it inside the transaction.
     pub size: u32,
     pub page_size: u32,
@@ -171,7 +174,7 @@ impl Database {
     pub fn attach(&self, readonly: bool) -> Result<()> {
         let mut st = self.state.lock();
         if let Err(e) = self.sync_locked(&mut st, true) {
-            let usable = st.exists && st.cache.contains(1);
+            let usable = st.exists && st.cache.contains(Pgno::ONE);
             if !usable
                 || !matches!(
                     e,
@@ -285,7 +288,7 @@ impl Database {
             st.prefetch = Prefetcher::default();
         } else {
             for pgno in ch.pgnos.iter().flatten() {
-                st.cache.remove(*pgno);
+                st.cache.remove(Pgno(*pgno));
             }
         }
         tracing::debug!(db = %self.name, from = %st.pos, to = %ch.pos, "applied remote changes");
@@ -325,13 +328,13 @@ impl Database {
         let cached_size = st.cache.page_size();
         if cached_size != 0 {
             let mut buf = vec![0u8; cached_size as usize];
-            if st.cache.get(1, &mut buf)? {
+            if st.cache.get(Pgno::ONE, &mut buf)? {
                 return Ok(buf);
             }
         }
         self.stats.misses.fetch_add(1, Relaxed);
-        let mut pages = self.fetch(st.pos, &[1])?;
-        let page = pages.remove(&1).ok_or_else(|| Error::BadPage {
+        let mut pages = self.fetch(st.pos, &[Pgno::ONE])?;
+        let page = pages.remove(&Pgno::ONE).ok_or_else(|| Error::BadPage {
             db: self.name.clone(),
             pgno: 1,
             why: "the store did not return page 1".into(),
@@ -339,16 +342,17 @@ impl Database {
         if cached_size != 0 && cached_size as usize != page.len() {
             st.cache.clear()?;
         }
-        st.cache.put(1, &page, self.bounds())?;
+        st.cache.put(Pgno::ONE, &page, self.bounds())?;
         Ok(page)
     }
 
     /// Fetches pages at `pos` in one request and checks what can be checked: the pages asked
     /// for, one page long, page 1 a SQLite header of that page size, and each page's checksum
     /// when the store sends them.
-    pub fn fetch(&self, pos: Pos, pgnos: &[u32]) -> Result<HashMap<u32, Vec<u8>>> {
+    pub fn fetch(&self, pos: Pos, pgnos: &[Pgno]) -> Result<HashMap<Pgno, Vec<u8>>> {
         self.stats.requests.fetch_add(1, Relaxed);
-        let (pages, checksums) = self.client.pages(&self.name, pos, pgnos)?;
+        let raw: Vec<u32> = pgnos.iter().map(|p| p.0).collect();
+        let (pages, checksums) = self.client.pages(&self.name, pos, &raw)?;
         let mut out = HashMap::with_capacity(pages.len());
         for p in pages {
             self.stats.pages_fetched.fetch_add(1, Relaxed);
@@ -356,7 +360,7 @@ impl Database {
                 .bytes_fetched
                 .fetch_add(p.data.len() as u64, Relaxed);
             let verified =
-                verify_page(p.pgno, &p.data, pgnos, checksums.as_ref()).map_err(|why| {
+                verify_page(Pgno(p.pgno), &p.data, pgnos, checksums.as_ref()).map_err(|why| {
                     Error::BadPage {
                         db: self.name.clone(),
                         pgno: p.pgno,
@@ -366,7 +370,7 @@ impl Database {
             if verified {
                 self.stats.checksums_verified.fetch_add(1, Relaxed);
             }
-            out.insert(p.pgno, p.data);
+            out.insert(Pgno(p.pgno), p.data);
         }
         Ok(out)
     }
@@ -491,9 +495,9 @@ mod tests {
         p1[16..18].copy_from_slice(&512u16.to_be_bytes());
         p1[28..32].copy_from_slice(&3u32.to_be_bytes());
         let b = db.bounds();
-        st.cache.put(1, &p1, b).unwrap();
-        st.cache.put(2, &[2u8; 512], b).unwrap();
-        st.cache.put(3, &[3u8; 512], b).unwrap();
+        st.cache.put(Pgno(1), &p1, b).unwrap();
+        st.cache.put(Pgno(2), &[2u8; 512], b).unwrap();
+        st.cache.put(Pgno(3), &[3u8; 512], b).unwrap();
         st.pos = Pos::new(1, 1 << 63 | 1);
         let pos = st.pos;
         st.cache.set_pos(pos);
@@ -525,7 +529,7 @@ mod tests {
         {
             let st = db.state.lock();
             assert_eq!(st.pos.txid.0, 1, "a read transaction keeps its position");
-            assert!(st.cache.contains(2) && st.pending.is_some());
+            assert!(st.cache.contains(Pgno(2)) && st.pending.is_some());
         }
         db.unlock(1, LockLevel::Shared, LockLevel::Unlocked)
             .unwrap();
@@ -538,7 +542,7 @@ mod tests {
             .unwrap();
         let st = db.state.lock();
         assert_eq!(st.pos.txid.0, 2);
-        assert!(!st.cache.contains(2) && st.cache.contains(3));
+        assert!(!st.cache.contains(Pgno(2)) && st.cache.contains(Pgno(3)));
         assert_eq!(st.cache.pos().txid.0, 2);
     }
 
@@ -577,25 +581,28 @@ mod tests {
     fn fetched_pages_are_verified() {
         let page = vec![7u8; 512];
         let sums = BTreeMap::from([(2, Checksum(crate::ltx::page_checksum(2, &page)))]);
-        assert_eq!(verify_page(2, &page, &[2], Some(&sums)), Ok(true));
-        assert_eq!(verify_page(2, &page, &[2], None), Ok(false));
+        assert_eq!(
+            verify_page(Pgno(2), &page, &[Pgno(2)], Some(&sums)),
+            Ok(true)
+        );
+        assert_eq!(verify_page(Pgno(2), &page, &[Pgno(2)], None), Ok(false));
         let mut corrupt = page.clone();
         corrupt[100] ^= 1;
         assert!(
-            verify_page(2, &corrupt, &[2], Some(&sums))
+            verify_page(Pgno(2), &corrupt, &[Pgno(2)], Some(&sums))
                 .unwrap_err()
                 .contains("checksum")
         );
         assert!(
-            verify_page(3, &page, &[2], Some(&sums)).is_err(),
+            verify_page(Pgno(3), &page, &[Pgno(2)], Some(&sums)).is_err(),
             "not requested"
         );
         assert!(
-            verify_page(2, &page[..500], &[2], None).is_err(),
+            verify_page(Pgno(2), &page[..500], &[Pgno(2)], None).is_err(),
             "not a page"
         );
         assert!(
-            verify_page(1, &page, &[1], None).is_err(),
+            verify_page(Pgno(1), &page, &[Pgno(1)], None).is_err(),
             "page 1 without a SQLite header"
         );
     }

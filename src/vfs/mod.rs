@@ -46,6 +46,40 @@ use config::Config;
 use database::Database;
 use error::{Error, Op, Result};
 
+/// A page number in a database file, counted from 1 (the wire and LTX carry it as a `u32`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pgno(pub u32);
+
+impl Pgno {
+    pub const ONE: Pgno = Pgno(1);
+
+    /// The page `n` pages after this one.
+    pub fn plus(self, n: u32) -> Pgno {
+        Pgno(self.0.saturating_add(n))
+    }
+
+    /// Pages `1..=count`.
+    pub fn all(count: u32) -> impl DoubleEndedIterator<Item = Pgno> {
+        (1..=count).map(Pgno)
+    }
+
+    /// Pages `from+1..=to` (what a database gains growing from `from` to `to` pages).
+    pub fn between(from: u32, to: u32) -> impl Iterator<Item = Pgno> {
+        (from.saturating_add(1)..=to).map(Pgno)
+    }
+
+    /// The page that holds byte offset 2^30 of a database with this page size.
+    pub fn lock_page(page_size: u32) -> Pgno {
+        Pgno(crate::ltx::lock_page(page_size))
+    }
+}
+
+impl std::fmt::Display for Pgno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Everything the extension keeps for the life of the process.
 pub struct Litevfs {
     pub config: Config,

@@ -10,11 +10,12 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
+use super::Pgno;
 use super::client::ClientError;
 use super::database::{Database, State};
 use super::error::{Error, Result};
 use super::lock::ConnId;
-use crate::ltx::{EMPTY_CHECKSUM, checksum_xor, lock_page, page_checksum};
+use crate::ltx::{EMPTY_CHECKSUM, checksum_xor, page_checksum};
 
 /// Largest number of pages asked for in one request when loading many pages.
 const BATCH: usize = 256;
@@ -43,15 +44,15 @@ impl Database {
             return Ok(0);
         }
         let ps = page_size as u64;
-        let pgno = (offset / ps + 1) as u32;
+        let pgno = Pgno((offset / ps + 1) as u32);
         let in_page = (offset % ps) as usize;
-        if pgno > size {
+        if pgno.0 > size {
             return Ok(0);
         }
         let page = self.page(&mut st, me, budget, pgno, page_size)?;
         let n = buf.len().min(page.len() - in_page);
         buf[..n].copy_from_slice(&page[in_page..in_page + n]);
-        if pgno == 1 && st.wal {
+        if pgno == Pgno::ONE && st.wal {
             // Present a WAL database as a rollback-journal one: the store holds it checkpointed.
             for (i, b) in buf[..n].iter_mut().enumerate() {
                 if matches!(in_page + i, 18 | 19) {
@@ -67,7 +68,7 @@ impl Database {
         st: &mut MutexGuard<State>,
         me: ConnId,
         budget: &mut Budget,
-        pgno: u32,
+        pgno: Pgno,
         page_size: u32,
     ) -> Result<Vec<u8>> {
         if let Some(w) = st.write.as_ref().filter(|w| w.owner == me) {
@@ -75,7 +76,7 @@ impl Database {
                 return Ok(d.clone());
             }
         }
-        if pgno > st.size || page_size != st.page_size {
+        if pgno.0 > st.size || page_size != st.page_size {
             return Ok(vec![0u8; page_size as usize]);
         }
         let mut buf = vec![0u8; page_size as usize];
@@ -88,18 +89,20 @@ impl Database {
         self.spend(budget)?;
         let plan = {
             let max = self.settings.lock().max_prefetch_pages;
-            let (size, lock) = (st.size, lock_page(page_size));
+            let (size, lock) = (st.size, Pgno::lock_page(page_size));
             let State {
                 prefetch, cache, ..
             } = &mut **st;
-            prefetch.plan(pgno, max, |p| p <= size && p != lock && !cache.contains(p))
+            prefetch.plan(pgno, max, |p| {
+                p.0 <= size && p != lock && !cache.contains(p)
+            })
         };
         let pos = st.pos;
         let fetched = MutexGuard::unlocked(st, || self.fetch(pos, &plan));
         let mut pages = self.fetched(st, fetched)?;
         let page = pages.remove(&pgno).ok_or_else(|| Error::BadPage {
             db: self.name.clone(),
-            pgno,
+            pgno: pgno.0,
             why: format!(
                 "the store did not return it (database size {} pages at {pos})",
                 st.size
@@ -132,8 +135,8 @@ impl Database {
     fn fetched(
         &self,
         st: &mut State,
-        r: Result<HashMap<u32, Vec<u8>>>,
-    ) -> Result<HashMap<u32, Vec<u8>>> {
+        r: Result<HashMap<Pgno, Vec<u8>>>,
+    ) -> Result<HashMap<Pgno, Vec<u8>>> {
         match r {
             Err(Error::Client(ClientError::PosMismatch { pos, .. })) => {
                 st.stale = true;
@@ -148,7 +151,11 @@ impl Database {
 
     /// Committed content of `pgnos` at the current position: from the cache, the rest fetched
     /// in batches. Fetched pages also enter the cache.
-    pub fn committed_pages(&self, st: &mut State, pgnos: &[u32]) -> Result<HashMap<u32, Vec<u8>>> {
+    pub fn committed_pages(
+        &self,
+        st: &mut State,
+        pgnos: &[Pgno],
+    ) -> Result<HashMap<Pgno, Vec<u8>>> {
         let mut out = HashMap::with_capacity(pgnos.len());
         let mut missing = Vec::new();
         for &p in pgnos {
@@ -166,7 +173,7 @@ impl Database {
             for &p in chunk {
                 let d = pages.get(&p).ok_or_else(|| Error::BadPage {
                     db: self.name.clone(),
-                    pgno: p,
+                    pgno: p.0,
                     why: "the store did not return it".into(),
                 })?;
                 st.cache.put(p, d, bounds)?;
@@ -194,11 +201,11 @@ impl Database {
                 self.name, st.size
             )));
         }
-        let lock = lock_page(st.page_size);
-        let all: Vec<u32> = (1..=st.size).filter(|p| *p != lock).collect();
+        let lock = Pgno::lock_page(st.page_size);
+        let all: Vec<Pgno> = Pgno::all(st.size).filter(|p| *p != lock).collect();
         let pages = self.committed_pages(&mut st, &all)?;
         let sum = all.iter().fold(EMPTY_CHECKSUM, |s, p| {
-            checksum_xor(s, page_checksum(*p, &pages[p]))
+            checksum_xor(s, page_checksum(p.0, &pages[p]))
         });
         if sum != st.pos.checksum.0 {
             st.cache.clear()?;

@@ -6,13 +6,15 @@
 
 use std::collections::VecDeque;
 
+use super::Pgno;
+
 /// Most hint pages remembered.
 const MAX_HINTS: usize = 4096;
 
 /// Child page numbers of an interior b-tree page, in key order (left children, then the
 /// right-most pointer). `page` is the whole page; `pgno` 1 has its b-tree header at 100.
-pub fn btree_children(pgno: u32, page: &[u8]) -> Vec<u32> {
-    let hdr = if pgno == 1 { 100 } else { 0 };
+pub fn btree_children(pgno: Pgno, page: &[u8]) -> Vec<Pgno> {
+    let hdr = if pgno == Pgno::ONE { 100 } else { 0 };
     if page.len() < hdr + 12 || !matches!(page[hdr], 0x02 | 0x05) {
         return Vec::new();
     }
@@ -27,11 +29,11 @@ pub fn btree_children(pgno: u32, page: &[u8]) -> Vec<u32> {
         }
         let cell = be16(ptr_at);
         if cell + 4 <= page.len() && cell >= hdr + 12 {
-            out.push(be32(cell));
+            out.push(Pgno(be32(cell)));
         }
     }
-    out.push(be32(hdr + 8));
-    out.retain(|&p| p > 1);
+    out.push(Pgno(be32(hdr + 8)));
+    out.retain(|&p| p > Pgno::ONE);
     out
 }
 
@@ -39,14 +41,14 @@ pub fn btree_children(pgno: u32, page: &[u8]) -> Vec<u32> {
 #[derive(Default, Debug)]
 pub struct Prefetcher {
     /// Children of recently read interior pages, in the order a scan visits them.
-    hints: VecDeque<u32>,
-    last_miss: u32,
+    hints: VecDeque<Pgno>,
+    last_miss: Pgno,
     run: u32,
 }
 
 impl Prefetcher {
     /// Learns from a page that was read (cached or fetched).
-    pub fn observe(&mut self, pgno: u32, page: &[u8]) {
+    pub fn observe(&mut self, pgno: Pgno, page: &[u8]) {
         let children = btree_children(pgno, page);
         if children.is_empty() {
             return;
@@ -60,8 +62,8 @@ impl Prefetcher {
 
     /// Pages to request with a miss on `pgno`: `pgno` first, then up to `max` candidates for
     /// which `wanted` is true (not cached, inside the database).
-    pub fn plan(&mut self, pgno: u32, max: u32, wanted: impl Fn(u32) -> bool) -> Vec<u32> {
-        self.run = if self.last_miss != 0 && pgno == self.last_miss + 1 {
+    pub fn plan(&mut self, pgno: Pgno, max: u32, wanted: impl Fn(Pgno) -> bool) -> Vec<Pgno> {
+        self.run = if self.last_miss != Pgno(0) && pgno == self.last_miss.plus(1) {
             self.run + 1
         } else {
             0
@@ -69,19 +71,19 @@ impl Prefetcher {
         self.last_miss = pgno;
         let mut out = vec![pgno];
         let max = max as usize;
-        let push = |p: u32, out: &mut Vec<u32>| {
+        let push = |p: Pgno, out: &mut Vec<Pgno>| {
             if out.len() <= max && p != pgno && !out.contains(&p) && wanted(p) {
                 out.push(p);
             }
         };
         if let Some(i) = self.hints.iter().position(|&p| p == pgno) {
-            let siblings: Vec<u32> = self.hints.iter().skip(i + 1).copied().collect();
+            let siblings: Vec<Pgno> = self.hints.iter().skip(i + 1).copied().collect();
             for p in siblings {
                 push(p, &mut out);
             }
         }
         if self.run >= 1 {
-            for p in pgno + 1..pgno.saturating_add(max as u32 + 1) {
+            for p in (1..=max as u32).map(|n| pgno.plus(n)) {
                 push(p, &mut out);
             }
         }
@@ -108,25 +110,32 @@ mod tests {
         p
     }
 
+    fn pg(v: &[u32]) -> Vec<Pgno> {
+        v.iter().copied().map(Pgno).collect()
+    }
+
     #[test]
     fn children_of_interior_pages() {
         assert_eq!(
-            btree_children(2, &interior(&[3, 4, 5], 9)),
-            vec![3, 4, 5, 9]
+            btree_children(Pgno(2), &interior(&[3, 4, 5], 9)),
+            pg(&[3, 4, 5, 9])
         );
         let mut leaf = interior(&[3], 4);
         leaf[0] = 0x0d;
-        assert!(btree_children(2, &leaf).is_empty());
+        assert!(btree_children(Pgno(2), &leaf).is_empty());
     }
 
     #[test]
     fn plans_siblings_then_sequential() {
         let mut p = Prefetcher::default();
-        p.observe(2, &interior(&[3, 4, 5, 6], 7));
-        assert_eq!(p.plan(4, 2, |_| true), vec![4, 5, 6]);
-        assert_eq!(p.plan(5, 8, |x| x != 6), vec![5, 7, 8, 9, 10, 11, 12, 13]);
+        p.observe(Pgno(2), &interior(&[3, 4, 5, 6], 7));
+        assert_eq!(p.plan(Pgno(4), 2, |_| true), pg(&[4, 5, 6]));
+        assert_eq!(
+            p.plan(Pgno(5), 8, |x| x != Pgno(6)),
+            pg(&[5, 7, 8, 9, 10, 11, 12, 13])
+        );
         let mut q = Prefetcher::default();
-        assert_eq!(q.plan(10, 3, |_| true), vec![10]);
-        assert_eq!(q.plan(11, 3, |_| true), vec![11, 12, 13, 14]);
+        assert_eq!(q.plan(Pgno(10), 3, |_| true), pg(&[10]));
+        assert_eq!(q.plan(Pgno(11), 3, |_| true), pg(&[11, 12, 13, 14]));
     }
 }

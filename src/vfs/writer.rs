@@ -8,6 +8,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::Pgno;
 use super::commit::{self, Base};
 use super::database::{Database, State};
 use super::error::{Error, Result};
@@ -36,9 +37,9 @@ impl Database {
                 data.len()
             )));
         }
-        let pgno = (offset / ps + 1) as u32;
+        let pgno = Pgno((offset / ps + 1) as u32);
         w.dirty.insert(pgno, data.to_vec());
-        w.size = w.size.max(pgno);
+        w.size = w.size.max(pgno.0);
         Ok(())
     }
 
@@ -56,7 +57,7 @@ impl Database {
         }
         w.size = (bytes / w.page_size as u64) as u32;
         let size = w.size;
-        w.dirty.retain(|p, _| *p <= size);
+        w.dirty.retain(|p, _| p.0 <= size);
         Ok(())
     }
 
@@ -102,7 +103,7 @@ impl Database {
     fn upload(
         &self,
         st: &mut State,
-        mut dirty: std::collections::BTreeMap<u32, Vec<u8>>,
+        mut dirty: std::collections::BTreeMap<Pgno, Vec<u8>>,
         new_size: u32,
         page_size: u32,
     ) -> Result<bool> {
@@ -118,18 +119,18 @@ impl Database {
             page_size,
         };
         let mut needed = commit::needed_pages(&base, &dirty, new_size);
-        if !base.pos.is_zero() && !needed.contains(&1) {
-            needed.push(1);
+        if !base.pos.is_zero() && !needed.contains(&Pgno::ONE) {
+            needed.push(Pgno::ONE);
         }
         let committed = self.committed_pages(st, &needed)?;
         let Some(mut built) = commit::build(&base, &dirty, new_size, &committed)? else {
             return Ok(false);
         };
-        let page1 = dirty.get(&1).or(committed.get(&1));
-        if let Some(p1) = commit::bump_change_counter(committed.get(&1), page1) {
+        let page1 = dirty.get(&Pgno::ONE).or(committed.get(&Pgno::ONE));
+        if let Some(p1) = commit::bump_change_counter(committed.get(&Pgno::ONE), page1) {
             // SQLite did not move the change counter (exclusive locking mode): move it, or
             // other processes' SQLite would keep stale pages in its own cache.
-            dirty.insert(1, p1);
+            dirty.insert(Pgno::ONE, p1);
             built = commit::build(&base, &dirty, new_size, &committed)?.expect("page 1 changed");
         }
         self.refresh_lease();
