@@ -37,15 +37,13 @@ impl HeldLease {
         Instant::now() + SAFETY_MARGIN < self.expires
     }
 
+    /// The store granted `LEASE_DURATION`; counting it from before the request was sent, on
+    /// this host's monotonic clock, is conservative and immune to clock skew between hosts.
     fn from_wire(db: &str, started: Instant, lease: crate::wire::Lease) -> HeldLease {
-        let left = lease.expires_at - time::OffsetDateTime::now_utc();
-        let left = Duration::try_from(left)
-            .unwrap_or(Duration::ZERO)
-            .min(LEASE_DURATION);
         HeldLease {
             db: db.to_string(),
             id: lease.id,
-            expires: started + left,
+            expires: started + LEASE_DURATION,
             expires_at: lease.expires_at,
         }
     }
@@ -169,5 +167,33 @@ pub fn refresher(databases: impl Fn() -> Vec<Arc<Database>>) {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.refresh_lease()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(left: Duration) -> HeldLease {
+        HeldLease {
+            db: "d".into(),
+            id: "abc".into(),
+            expires: Instant::now() + left,
+            expires_at: time::OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_used_only_well_before_it_expires() {
+        assert!(lease(Duration::from_secs(5)).is_live());
+        assert!(!lease(SAFETY_MARGIN / 2).is_live());
+        assert!(
+            HeldLease::describe(Some(&lease(Duration::from_secs(5))))
+                .starts_with(r#"{"held":true,"id":"abc""#)
+        );
+        assert_eq!(
+            HeldLease::describe(Some(&lease(Duration::ZERO))),
+            r#"{"held":false}"#
+        );
     }
 }
