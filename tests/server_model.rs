@@ -36,6 +36,9 @@ fn page_one(fill: u8) -> Vec<u8> {
     p[16..18].copy_from_slice(&(PS as u16).to_be_bytes());
     p[18] = 1;
     p[19] = 1;
+    // In-header page count 0: "use the file size" (otherwise the fill could claim more pages
+    // than the image has, which SQLite and the upload refuse as truncated).
+    p[28..32].fill(0);
     p
 }
 
