@@ -14,6 +14,8 @@
 //! - [`sync`]: the change poller; [`lease`]: write leases
 //! - [`client`]: the page-store HTTP client; [`config`]; [`lock`]; [`error`]
 //!
+//! Page numbers are [`Pgno`]; positions, TXIDs and checksums are the wire newtypes.
+//!
 //! User documentation: `docs/vfs.md`.
 
 pub mod cache;
