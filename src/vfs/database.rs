@@ -318,6 +318,9 @@ impl Database {
             why: e.to_string(),
         })?;
         st.page_size = h.page_size;
+        if !h.size_valid || h.page_count == 0 {
+            tracing::warn!(db = %self.name, pages = h.page_count, "the database header's page count is not valid (a file last written by SQLite before 3.7.0?); reads may be wrong");
+        }
         st.size = h.page_count.max(1);
         st.wal = h.is_wal();
         st.size_known = true;
