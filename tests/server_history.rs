@@ -711,3 +711,25 @@ fn upload_of_truncated_sqlite_file_is_refused() {
         .err(422, "EBADHEADER");
     assert_eq!(api.pos("cut"), before);
 }
+
+/// One large transaction (an upload, a big commit, a compaction) grows the write-ahead log to
+/// its size; later transactions must bring it back down instead of keeping that much disk
+/// forever.
+#[test]
+fn write_ahead_log_shrinks_after_a_large_upload() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    api.post("/db/upload", &[("db", "big")], fake_sqlite(6_000))
+        .ok();
+    let wal = s.dir.join("store.db-wal");
+    let size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert!(size() > 20 << 20, "the upload went through the log");
+    let mut m = Model::new(512);
+    let mut i = 0u8;
+    let shrunk = eventually(|| {
+        i = i.wrapping_add(1);
+        m.commit(&api, "small", 1, &[(1, page(512, i))]);
+        size() <= 16 << 20
+    });
+    assert!(shrunk, "the log keeps {} bytes", size());
+}

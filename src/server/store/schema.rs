@@ -52,6 +52,8 @@ CREATE INDEX IF NOT EXISTS pages_by_txid ON pages(db_id, txid);
 ";
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Size the write-ahead log is truncated to when it restarts after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
 /// Opens (creating if needed) the writer connection and applies the schema.
 pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
@@ -62,6 +64,10 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "page_size", 8192)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // The log grows to the largest transaction (an upload, a compaction) and SQLite keeps it
+    // at that size unless told otherwise; when it restarts, cut it back to this (twice the
+    // autocheckpoint size, so steady writing does not truncate and regrow it every cycle).
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
