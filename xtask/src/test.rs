@@ -2,7 +2,7 @@
 //!
 //! Order: system set-up, release build (the tests use release artifacts so that dependencies
 //! compile once), the Rust tests of the workspace (unit tests, the page-store conformance and
-//! crash suites, the admin CLI), then the Python end-to-end suites that load `liblitevfs.so`
+//! crash suites, the admin CLI), then the Python end-to-end suite (tests/e2e, examples included) that load `liblitevfs.so`
 //! into real hosts (the Debian sqlite3 shell, apsw from PyPI) and run the examples.
 
 use std::process::Command;
@@ -26,22 +26,19 @@ pub fn run(args: &[String]) -> Result<(), Error> {
     )?;
 
     let py = setup::ensure_venv()?;
-    // One pytest run per suite: each directory has its own conftest.py.
-    for suite in ["tests/e2e", "tests/examples"] {
-        println!("==> end-to-end tests: pytest {suite}");
-        run_checked(
-            Command::new(&py)
-                .current_dir(&root)
-                .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", suite])
-                .args(&pytest_args)
-                .env("LITEVFS_BIN", &art.bin)
-                .env("LITEVFS_EXT", &art.ext)
-                .env(
-                    "LITEVFS_EXAMPLES_DIR",
-                    setup::target_dir().join("release/examples"),
-                ),
-            &format!("pytest {suite}"),
-        )?;
-    }
+    println!("==> end-to-end tests and examples: pytest tests/e2e");
+    run_checked(
+        Command::new(&py)
+            .current_dir(&root)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/e2e"])
+            .args(&pytest_args)
+            .env("LITEVFS_BIN", &art.bin)
+            .env("LITEVFS_EXT", &art.ext)
+            .env(
+                "LITEVFS_EXAMPLES_DIR",
+                setup::target_dir().join("release/examples"),
+            ),
+        "pytest tests/e2e",
+    )?;
     Ok(())
 }
