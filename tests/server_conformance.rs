@@ -542,6 +542,48 @@ fn metrics_labels_stay_bounded_whatever_the_method() {
     }
 }
 
+/// `GET /info` is a read: a read-only token (here one for every cluster) must not be able to
+/// grow the store by asking for the ids of made-up clusters. Ids stay stable across restarts.
+#[test]
+fn info_writes_nothing_and_ids_are_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--token", "ro=*:ro"];
+    let ids = |s: &Server| -> Vec<String> {
+        let api = s.api_with("ro");
+        (0..20)
+            .map(|i| {
+                let c = format!("c{i}");
+                let info: litevfs::wire::Info =
+                    api.get("/info", &[("cluster", c.as_str())]).ok().json();
+                info.cluster_id.unwrap()
+            })
+            .collect()
+    };
+    let s = Server::start_in(&data, &args);
+    let first = ids(&s);
+    s.kill9();
+    let conn = rusqlite::Connection::open(data.join("store.db")).unwrap();
+    let rows: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM meta WHERE key LIKE 'cluster_id:%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(conn);
+    assert_eq!(
+        rows, 0,
+        "a read-only token wrote {rows} rows through GET /info"
+    );
+    let s = Server::start_in(&data, &args);
+    assert_eq!(ids(&s), first, "cluster ids survive a restart");
+    let mut unique = first.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), first.len(), "one id per cluster");
+}
+
 #[test]
 fn auth_tokens() {
     let dir = tempfile::tempdir().unwrap();

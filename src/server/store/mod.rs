@@ -116,6 +116,8 @@ pub struct Store {
     changes: watch::Sender<u64>,
     leases: Leases,
     retention: Duration,
+    /// Random, created with the store: the seed of cluster ids.
+    store_id: String,
     /// `DATA_DIR/LOCK`, flocked for the store's lifetime (released by the kernel on exit).
     _lock: std::fs::File,
 }
@@ -133,6 +135,7 @@ impl Store {
         std::fs::create_dir_all(&tmp_dir)?;
         let path = data_dir.join("store.db");
         let writer = schema::open_writer(&path)?;
+        let store_id = store_id(&writer)?;
         Ok(Store {
             path,
             tmp_dir,
@@ -141,6 +144,7 @@ impl Store {
             changes: watch::channel(0).0,
             leases: Leases::default(),
             retention,
+            store_id,
             _lock: lock,
         })
     }
@@ -240,23 +244,45 @@ impl Store {
         Ok(())
     }
 
-    /// A stable cluster id (`LFSC` + 16 uppercase hex digits), created on first use.
+    /// A stable cluster id (`LFSC` + 16 uppercase hex digits). Derived from the store's own
+    /// random id and the cluster name, so reading it writes nothing (any caller, read-only
+    /// tokens included, may ask about any cluster); ids stored by earlier versions still win.
     pub fn cluster_id(&self, cluster: &str) -> StoreResult<String> {
         let key = format!("cluster_id:{cluster}");
-        self.write(|tx| {
-            let existing: Option<String> = tx
+        let stored: Option<String> = self.read(|tx| {
+            Ok(tx
                 .query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
                     r.get(0)
                 })
-                .optional()?;
-            if let Some(id) = existing {
-                return Ok(id);
-            }
-            let id = format!("LFSC{:016X}", rand::random::<u64>());
-            tx.execute("INSERT INTO meta(key, value) VALUES (?1, ?2)", [&key, &id])?;
-            Ok(id)
-        })
+                .optional()?)
+        })?;
+        Ok(stored.unwrap_or_else(|| {
+            let seed = format!("{}/{cluster}", self.store_id);
+            format!("LFSC{:016X}", crate::ltx::CRC64.checksum(seed.as_bytes()))
+        }))
     }
+}
+
+/// The store's random id (`meta` key `store_id`), created on first open.
+fn store_id(conn: &Connection) -> rusqlite::Result<String> {
+    let existing: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    let id = format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('store_id', ?1)",
+        [&id],
+    )?;
+    Ok(id)
 }
 
 /// Takes an exclusive, non-blocking `flock` on `DATA_DIR/LOCK`, so two servers never share a
