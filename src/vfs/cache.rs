@@ -5,6 +5,9 @@
 //! and `NAME.lock` (one process per cache at a time). Invariant: every page the cache returns
 //! is the page at [`Cache::pos`] and matches the checksum recorded when it was stored; a slot
 //! that no longer matches (a crash between a slot write and an index write) reads as a miss.
+//! Slots inherited from an earlier process are checked on their first read; slots this process
+//! wrote are trusted after that (the lock makes it the file's only writer), so a warm hit costs
+//! one `pread` and no checksum.
 //! The cache is bounded by a page count and by the free space of its file system; page 1 is
 //! pinned. It does not fetch, decide what changed remotely, or hold uncommitted pages.
 
@@ -38,6 +41,9 @@ type Result<T> = std::result::Result<T, CacheError>;
 struct Slot {
     slot: u32,
     checksum: u64,
+    /// The slot's bytes are known to match `checksum` in this process: written by it, or read
+    /// and checked once. Never persisted.
+    verified: bool,
 }
 
 /// Limits the cache enforces when it stores a page.
@@ -197,12 +203,30 @@ impl Cache {
             self.remove(pgno);
             return Ok(false);
         }
+        if slot.verified {
+            return Ok(true);
+        }
         if page_checksum(pgno.0, buf) != slot.checksum {
             tracing::debug!(db = %self.name, %pgno, "cached page failed its checksum; dropped");
             self.remove(pgno);
             return Ok(false);
         }
+        self.record(
+            pgno,
+            Slot {
+                verified: true,
+                ..slot
+            },
+        );
         Ok(true)
+    }
+
+    fn record(&mut self, pgno: Pgno, slot: Slot) {
+        if pgno == Pgno::ONE {
+            self.page1 = Some(slot);
+        } else {
+            self.lru.put(pgno, slot);
+        }
     }
 
     /// Stores a page of the cache's position. Sets the page size on first use; a page of
@@ -220,18 +244,24 @@ impl Cache {
         };
         let Some(slot) = slot else { return Ok(()) };
         let off = slot as u64 * self.page_size as u64;
-        self.data
-            .write_all_at(data, off)
-            .map_err(io_err(&self.data_path()))?;
-        let entry = Slot {
-            slot,
-            checksum: page_checksum(pgno.0, data),
-        };
-        if pgno == Pgno::ONE {
-            self.page1 = Some(entry);
-        } else {
-            self.lru.put(pgno, entry);
+        if let Err(e) = self.data.write_all_at(data, off) {
+            // The slot may be torn now: forget whatever it held and give it back.
+            if self.contains(pgno) {
+                self.remove(pgno);
+            } else {
+                self.free.push(slot);
+            }
+            return Err(io_err(&self.data_path())(e));
         }
+        let checksum = page_checksum(pgno.0, data);
+        self.record(
+            pgno,
+            Slot {
+                slot,
+                checksum,
+                verified: true,
+            },
+        );
         self.index_dirty = true;
         Ok(())
     }
@@ -399,16 +429,13 @@ impl Cache {
                 Slot {
                     slot: be32(o + 4),
                     checksum: be64(o + 8),
+                    verified: false,
                 },
             );
             if pgno == Pgno(0) || u64::from(slot.slot) >= file_slots || !used.insert(slot.slot) {
                 continue;
             }
-            if pgno == Pgno::ONE {
-                self.page1 = Some(slot)
-            } else {
-                self.lru.put(pgno, slot);
-            }
+            self.record(pgno, slot);
         }
         self.page_size = page_size;
         self.pos = pos;
@@ -503,6 +530,22 @@ mod tests {
         let mut buf = page(0);
         assert!(!c.get(Pgno(2), &mut buf).unwrap());
         assert!(!c.contains(Pgno(2)));
+    }
+
+    #[test]
+    fn inherited_slots_are_checked_once_own_writes_are_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
+        c.put(Pgno(2), &page(2), B).unwrap();
+        assert!(c.entry(Pgno(2), false).unwrap().verified);
+        c.persist().unwrap();
+        drop(c);
+        let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
+        assert!(!c.entry(Pgno(2), false).unwrap().verified);
+        let mut buf = page(0);
+        assert!(c.get(Pgno(2), &mut buf).unwrap());
+        assert_eq!(buf, page(2));
+        assert!(c.entry(Pgno(2), false).unwrap().verified);
     }
 
     #[test]
