@@ -614,9 +614,18 @@ mod tests {
 /// stay compatible.
 pub const HEADER_PAGE_CHECKSUMS: &str = "Litevfs-Page-Checksums";
 
+/// Response header of `GET /db/page` and `GET /db/snapshot` (our extension): the position the
+/// pages are from. `GET /db/page` without `pos` serves the store's latest position, so a cold
+/// client learns the position and page 1 in one round trip.
+pub const HEADER_POS: &str = "Litevfs-Pos";
+
 /// Formats the value of [`HEADER_PAGE_CHECKSUMS`].
 pub fn encode_page_checksums(pages: impl IntoIterator<Item = (u32, u64)>) -> String {
-    pages.into_iter().map(|(p, c)| format!("{p}:{}", Checksum(c))).collect::<Vec<_>>().join(",")
+    pages
+        .into_iter()
+        .map(|(p, c)| format!("{p}:{}", Checksum(c)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Parses the value of [`HEADER_PAGE_CHECKSUMS`].

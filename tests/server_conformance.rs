@@ -379,8 +379,23 @@ fn pages_at_positions_json_and_frames() {
         api.get("/db/page", &[("db", "p"), ("pos", bad), ("pgno", "1")])
             .err(400, "EBADPOS");
     }
-    api.get("/db/page", &[("db", "p"), ("pgno", "1")])
-        .err(400, "EBADPOS");
+    // Without `pos` (extension): the latest position, named in Litevfs-Pos, so a cold client
+    // learns the position and page 1 in one request.
+    let latest = api.get("/db/page", &[("db", "p"), ("pgno", "1,2")]).ok();
+    assert_eq!(latest.header("Litevfs-Pos").as_deref(), Some(ps.as_str()));
+    let got: PagesResponse = latest.json();
+    assert_eq!(
+        got.pages.iter().map(|p| p.pgno).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    let at_pos = get(m.pos, &[("pgno", "1")]);
+    assert_eq!(at_pos.header("Litevfs-Pos").as_deref(), Some(ps.as_str()));
+    api.get("/db/page", &[("db", "nope"), ("pgno", "1")])
+        .err(404, "ENODB");
+    // A database created by a lease has no data: ENOTXID, not pages.
+    api.post("/lease", &[("db", "leased-only")], vec![]).ok();
+    api.get("/db/page", &[("db", "leased-only"), ("pgno", "1")])
+        .err(404, "ENOTXID");
     for bad in ["0", "x", "1,,2", "-1", "4294967296"] {
         get(m.pos, &[("pgno", bad)]).err(400, "EINVALIDPGNO");
     }

@@ -22,8 +22,8 @@ use crate::server::body::spool;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::wire::{
-    ErrorCode, HEADER_HWM, HEADER_LEASE_ID, HEADER_PAGE_CHECKSUMS, MEDIA_PAGE_FRAMES, Page,
-    PagesResponse, Pos, Txid, encode_page_checksums, encode_page_frames,
+    ErrorCode, HEADER_HWM, HEADER_LEASE_ID, HEADER_PAGE_CHECKSUMS, HEADER_POS, MEDIA_PAGE_FRAMES,
+    Page, PagesResponse, Pos, Txid, encode_page_checksums, encode_page_frames,
 };
 
 /// Response header of `/db/page`: the page size at the requested position.
@@ -136,11 +136,8 @@ pub async fn get_page(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let key = db_key(&caller, &params)?;
-    let pos = parse_pos(
-        params
-            .get("pos")
-            .ok_or_else(|| ApiError::new(ErrorCode::BadPos, "missing pos parameter"))?,
-    )?;
+    // Without `pos` (our extension): the latest position, named in the `Litevfs-Pos` header.
+    let pos = params.get("pos").map(parse_pos).transpose()?;
     let pgnos = parse_pgnos(&params)?;
     let store = app.store.clone();
     let got = blocking(move || store.pages_at(&key, pos, &pgnos)).await?;
@@ -148,6 +145,10 @@ pub async fn get_page(
     Metrics::add(&app.metrics.pages_served, got.pages.len() as u64);
     Metrics::add(&app.metrics.page_bytes_served, bytes as u64);
     let meta = [
+        (
+            HEADER_POS,
+            HeaderValue::from_str(&got.pos.to_string()).map_err(ApiError::internal)?,
+        ),
         (HEADER_PAGE_SIZE, HeaderValue::from(got.page_size)),
         (
             HEADER_PAGE_CHECKSUMS,

@@ -29,10 +29,8 @@ use crate::server::body::spool;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::server::store::{Format, RestoreTarget, SnapshotPlan};
-use crate::wire::{ErrorCode, TxidResponse};
+use crate::wire::{ErrorCode, HEADER_POS, TxidResponse};
 
-/// Response header of `/db/snapshot`: the position the snapshot is at.
-pub const HEADER_POS: &str = "Litevfs-Pos";
 const CHUNK: usize = 256 << 10;
 
 type Chunk = Result<Bytes, std::io::Error>;

@@ -16,6 +16,8 @@ const MAX_CHANGED_PGNOS: usize = 65_536;
 /// Pages read at a position.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PagesAt {
+    /// The position the pages are from.
+    pub pos: Pos,
     pub page_size: u32,
     pub pages: Vec<(u32, Vec<u8>)>,
     /// The stored LTX page checksum of each returned page, in the same order.
@@ -30,12 +32,18 @@ pub struct SnapshotPlan {
 }
 
 impl Store {
-    /// Pages `pgnos` as of `pos`. Page numbers past that position's commit size are left out,
-    /// except that the first one requested yields `ENOPAGE`. The lock page reads as zeros.
-    pub fn pages_at(&self, key: &DbKey, pos: Pos, pgnos: &[u32]) -> StoreResult<PagesAt> {
+    /// Pages `pgnos` as of `pos`, or of the latest position when `pos` is `None`. Page numbers
+    /// past that position's commit size are left out, except that the first one requested
+    /// yields `ENOPAGE`. The lock page reads as zeros.
+    pub fn pages_at(&self, key: &DbKey, pos: Option<Pos>, pgnos: &[u32]) -> StoreResult<PagesAt> {
         self.read(|tx| {
             let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
-            let txn = servable(tx, db_id, pos)?;
+            let txn = match pos {
+                Some(pos) => servable(tx, db_id, pos)?,
+                None => head(tx, db_id)?.ok_or_else(|| {
+                    StoreError::NoTxid(format!("database {:?} has no data yet", key.name))
+                })?,
+            };
             let mut pages = Vec::with_capacity(pgnos.len());
             let mut checksums = Vec::with_capacity(pgnos.len());
             for (i, &pgno) in pgnos.iter().enumerate() {
@@ -49,6 +57,7 @@ impl Store {
                 }
             }
             Ok(PagesAt {
+                pos: txn.pos(),
                 page_size: txn.page_size,
                 pages,
                 checksums,
