@@ -65,6 +65,16 @@ impl ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// A `GET /db/page` reply.
+#[derive(Debug)]
+pub struct Fetched {
+    pub pages: Vec<Page>,
+    /// Per-page checksums, when the store sends them.
+    pub checksums: Option<PageChecksums>,
+    /// The position the pages are from, when the store names it.
+    pub pos: Option<Pos>,
+}
+
 /// Page checksums the store sent with a `GET /db/page` reply, by page number.
 pub type PageChecksums = BTreeMap<u32, wire::Checksum>;
 
@@ -219,25 +229,21 @@ impl Client {
         Ok(resp.changes)
     }
 
-    /// `GET /db/page`: pages at `pos`; the first of `pgnos` is the one needed, the rest are
-    /// prefetch hints the store may omit. Asks for binary frames, accepts JSON. Returns the
-    /// page checksums too when the store sends [`wire::HEADER_PAGE_CHECKSUMS`].
-    pub fn pages(
-        &self,
-        db: &str,
-        pos: Pos,
-        pgnos: &[u32],
-    ) -> Result<(Vec<Page>, Option<PageChecksums>)> {
+    /// `GET /db/page`: pages at `pos`, or at the store's latest position when `pos` is `None`
+    /// (our extension: the reply's [`wire::HEADER_POS`] names it). The first of `pgnos` is the
+    /// one needed, the rest are prefetch hints the store may omit. Asks for binary frames,
+    /// accepts JSON. Returns the page checksums too when the store sends
+    /// [`wire::HEADER_PAGE_CHECKSUMS`].
+    pub fn pages(&self, db: &str, pos: Option<Pos>, pgnos: &[u32]) -> Result<Fetched> {
         let list = pgnos
             .iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let query = [
-            ("db", db.to_string()),
-            ("pos", pos.to_string()),
-            ("pgno", list),
-        ];
+        let mut query = vec![("db", db.to_string()), ("pgno", list)];
+        if let Some(pos) = pos {
+            query.push(("pos", pos.to_string()));
+        }
         let rb = self
             .request(reqwest::Method::GET, "/db/page", &query)
             .header(
@@ -245,33 +251,51 @@ impl Client {
                 format!("{MEDIA_PAGE_FRAMES}, application/json;q=0.5"),
             );
         let resp = self.send(rb)?;
-        let checksums = match resp.headers().get(wire::HEADER_PAGE_CHECKSUMS) {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|v| wire::parse_page_checksums(v).ok())
-                    .ok_or_else(|| ClientError::BadResponse {
-                        host: self.host.clone(),
-                        detail: format!("malformed {} header", wire::HEADER_PAGE_CHECKSUMS),
-                    })?,
-            ),
-        };
+        let checksums = self.header(&resp, wire::HEADER_PAGE_CHECKSUMS, |v| {
+            wire::parse_page_checksums(v).ok()
+        })?;
+        let served = self.header(&resp, wire::HEADER_POS, |v| v.parse::<Pos>().ok())?;
         let binary = resp
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with(MEDIA_PAGE_FRAMES));
-        if binary {
+        let pages = if binary {
             let bytes = resp.bytes().map_err(|e| self.unreachable(e))?;
-            let pages =
-                wire::decode_page_frames(&bytes).map_err(|detail| ClientError::BadResponse {
-                    host: self.host.clone(),
-                    detail,
-                })?;
-            return Ok((pages, checksums));
+            wire::decode_page_frames(&bytes).map_err(|detail| ClientError::BadResponse {
+                host: self.host.clone(),
+                detail,
+            })?
+        } else {
+            self.json::<PagesResponse>(resp)?.pages
+        };
+        Ok(Fetched {
+            pages,
+            checksums,
+            pos: served,
+        })
+    }
+
+    /// An optional response header, parsed; present but malformed is a bad response.
+    fn header<T>(
+        &self,
+        resp: &reqwest::blocking::Response,
+        name: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match resp.headers().get(name) {
+            None => Ok(None),
+            Some(v) => {
+                v.to_str()
+                    .ok()
+                    .and_then(parse)
+                    .map(Some)
+                    .ok_or_else(|| ClientError::BadResponse {
+                        host: self.host.clone(),
+                        detail: format!("malformed {name} header"),
+                    })
+            }
         }
-        Ok((self.json::<PagesResponse>(resp)?.pages, checksums))
     }
 
     /// `POST /db/tx`: uploads one LTX file under the given lease.

@@ -15,14 +15,14 @@ use parking_lot::Mutex;
 
 use super::Pgno;
 use super::cache::{Bounds, Cache};
-use super::client::Client;
+use super::client::{Client, Fetched};
 use super::config::Settings;
 use super::error::{Error, Result};
 use super::lease::HeldLease;
 use super::lock::{ConnId, LockLevel, LockTable};
 use super::prefetch::Prefetcher;
 use crate::dbfile::DbHeader;
-use crate::wire::{Changes, Pos};
+use crate::wire::{Changes, ErrorCode, Pos};
 
 /// Counters shown by `PRAGMA litevfs_cache_stats`.
 #[derive(Default, Debug)]
@@ -173,7 +173,13 @@ impl Database {
     /// With the store unreachable, a database known from the cache still opens.
     pub fn attach(&self, readonly: bool) -> Result<()> {
         let mut st = self.state.lock();
-        if let Err(e) = self.sync_locked(&mut st, true) {
+        let cold = st.pos.is_zero() && st.cache.is_empty();
+        let opened = if cold {
+            self.open_cold(&mut st)
+        } else {
+            self.sync_locked(&mut st, true)
+        };
+        if let Err(e) = opened {
             let usable = st.exists && st.cache.contains(Pgno::ONE);
             if !usable
                 || !matches!(
@@ -355,20 +361,23 @@ impl Database {
     pub fn fetch(&self, pos: Pos, pgnos: &[Pgno]) -> Result<HashMap<Pgno, Vec<u8>>> {
         self.stats.requests.fetch_add(1, Relaxed);
         let raw: Vec<u32> = pgnos.iter().map(|p| p.0).collect();
-        let (pages, checksums) = self.client.pages(&self.name, pos, &raw)?;
-        let mut out = HashMap::with_capacity(pages.len());
-        for p in pages {
+        let fetched = self.client.pages(&self.name, Some(pos), &raw)?;
+        self.accept(pgnos, fetched)
+    }
+
+    /// Checks fetched pages (see [`Database::fetch`]) and counts them.
+    fn accept(&self, pgnos: &[Pgno], fetched: Fetched) -> Result<HashMap<Pgno, Vec<u8>>> {
+        let mut out = HashMap::with_capacity(fetched.pages.len());
+        for p in fetched.pages {
             self.stats.pages_fetched.fetch_add(1, Relaxed);
             self.stats
                 .bytes_fetched
                 .fetch_add(p.data.len() as u64, Relaxed);
-            let verified =
-                verify_page(Pgno(p.pgno), &p.data, pgnos, checksums.as_ref()).map_err(|why| {
-                    Error::BadPage {
-                        db: self.name.clone(),
-                        pgno: p.pgno,
-                        why,
-                    }
+            let verified = verify_page(Pgno(p.pgno), &p.data, pgnos, fetched.checksums.as_ref())
+                .map_err(|why| Error::BadPage {
+                    db: self.name.clone(),
+                    pgno: p.pgno,
+                    why,
                 })?;
             if verified {
                 self.stats.checksums_verified.fetch_add(1, Relaxed);
@@ -376,6 +385,44 @@ impl Database {
             out.insert(Pgno(p.pgno), p.data);
         }
         Ok(out)
+    }
+
+    /// Opens a database this process knows nothing about (no position, empty cache) in one
+    /// round trip: page 1 at the store's latest position, which the reply names. Stores without
+    /// that extension (no `Litevfs-Pos` header, or `pos` required) get the plain sync.
+    fn open_cold(&self, st: &mut State) -> Result<()> {
+        self.stats.requests.fetch_add(1, Relaxed);
+        let fetched = match self.client.pages(&self.name, None, &[1]) {
+            Ok(f) => f,
+            Err(e) => {
+                match e.api_code() {
+                    // Unknown, or known without data (created by a lease): nothing to cache.
+                    Some(ErrorCode::NoDb) => st.exists = false,
+                    Some(ErrorCode::NoTxid) => st.exists = true,
+                    Some(ErrorCode::BadPos) => return self.sync_locked(st, true),
+                    _ => return Err(e.into()),
+                }
+                st.last_sync = Some(Instant::now());
+                return Ok(());
+            }
+        };
+        let Some(pos) = fetched.pos.filter(|p| !p.is_zero()) else {
+            return self.sync_locked(st, true);
+        };
+        let mut pages = self.accept(&[Pgno::ONE], fetched)?;
+        let page1 = pages.remove(&Pgno::ONE).ok_or_else(|| Error::BadPage {
+            db: self.name.clone(),
+            pgno: 1,
+            why: "the store did not return page 1".into(),
+        })?;
+        self.stats.misses.fetch_add(1, Relaxed);
+        st.last_sync = Some(Instant::now());
+        st.exists = true;
+        st.pos = pos;
+        st.cache.set_pos(pos);
+        st.size_known = false;
+        st.cache.put(Pgno::ONE, &page1, self.bounds())?;
+        Ok(())
     }
 
     /// Starts a read transaction for the first lock holder: sync if due, apply what waits,

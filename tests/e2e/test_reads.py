@@ -26,6 +26,20 @@ def test_shell_lazy_open_fetches_only_what_the_query_touches(server, env, big_db
     assert s["checksums_verified"] == s["pages_fetched"]
 
 
+def test_cold_open_is_one_request(server, env, big_db):
+    # Page 1 and the position come in one GET /db/page without pos (our extension): opening a
+    # database the process has never seen costs one round trip, not a sync plus a page fetch.
+    server.upload("big", big_db)
+    r = shell(".open file:big?vfs=litevfs\npragma litevfs_cache_stats;\npragma litevfs_position;", env())
+    assert r.returncode == 0, r.stderr
+    s = stats_line(r.stdout)
+    assert (s["requests"], s["pages_fetched"], s["pages_cached"]) == (1, 1, 1), s
+    assert r.stdout.splitlines()[-1].startswith("0000000000000001/")
+    # Unknown and lease-only databases open with one request too (empty; writable under a lease).
+    r = shell(".open file:nothing-here?vfs=litevfs\npragma litevfs_cache_stats;", env())
+    assert stats_line(r.stdout)["requests"] == 1, r.stdout
+
+
 def test_apsw_reads_and_cache_db_loads_everything(server, agent, big_db):
     server.upload("big", big_db)
     a = agent()
