@@ -53,7 +53,9 @@ impl Prefetcher {
         if children.is_empty() {
             return;
         }
-        self.hints.retain(|p| !children.contains(p));
+        // A set: this runs on every read of an interior page, warm scans included.
+        let fresh: std::collections::HashSet<Pgno> = children.iter().copied().collect();
+        self.hints.retain(|p| !fresh.contains(p));
         for c in children.into_iter().rev() {
             self.hints.push_front(c);
         }
