@@ -315,7 +315,7 @@ impl<R: Read> Reader<'_, R> {
         if pgno == 0 {
             self.done = true;
             return self
-                .check_snapshot_complete(self.header.commit + 1)
+                .check_snapshot_complete(u64::from(self.header.commit) + 1)
                 .map(|_| None);
         }
         self.check_pgno(pgno)?;
@@ -337,17 +337,18 @@ impl<R: Read> Reader<'_, R> {
         if pgno > self.header.commit {
             return err("past the commit size");
         }
-        self.check_snapshot_complete(pgno)
+        self.check_snapshot_complete(pgno.into())
     }
 
     /// For snapshots: every page between the last one read and `next` (exclusive) must exist.
-    fn check_snapshot_complete(&self, next: u32) -> Result<(), LtxError> {
+    fn check_snapshot_complete(&self, next: u64) -> Result<(), LtxError> {
         if !self.header.is_snapshot() {
             return Ok(());
         }
-        let lock = lock_page(self.header.page_size);
-        match (self.last_pgno + 1..next).find(|&p| p != lock) {
-            Some(missing) => Err(LtxError::SnapshotGap(missing)),
+        // u64: `next` is commit + 1 at the end, which overflows u32 for absurd commit sizes.
+        let lock = u64::from(lock_page(self.header.page_size));
+        match (u64::from(self.last_pgno) + 1..next).find(|&p| p != lock) {
+            Some(missing) => Err(LtxError::SnapshotGap(missing as u32)),
             None => Ok(()),
         }
     }
@@ -671,6 +672,14 @@ mod tests {
         w.write_page(2, &[2; 512]).unwrap();
         let (t, _) = w.finish(0x8000000000000bb8).unwrap();
         assert_eq!(t.file_checksum, 0xc8d8c55bde12fe8d);
+    }
+
+    #[test]
+    fn absurd_commit_size_is_a_gap_not_an_overflow() {
+        // A snapshot claiming u32::MAX pages but holding one: reported as a gap, in constant time.
+        let mut body = encode(&hdr(1, 1, 1, 0), &[(1, &[1; 512])], 0xe4e4aaa102377eee).unwrap();
+        body[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(decode(&body), Err(LtxError::SnapshotGap(2))));
     }
 
     #[test]
