@@ -405,6 +405,32 @@ fn pages_at_positions_json_and_frames() {
 }
 
 #[test]
+fn page_replies_are_capped_in_bytes_first_page_always_sent() {
+    // 300 pages of 64 KiB: asking for all of them gets the first 256 (16 MiB); the rest are
+    // prefetch hints a reply may leave out.
+    let s = Server::start(&[]);
+    let api = s.api();
+    let mut m = Model::new(65536);
+    let changes: Vec<(u32, Vec<u8>)> = (1..=300).map(|p| (p, page(65536, p as u8))).collect();
+    m.commit(&api, "wide", 300, &changes);
+    let list = (1..=300)
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let ps = m.pos.to_string();
+    let rb = api.req(
+        reqwest::Method::GET,
+        "/db/page",
+        &[("db", "wide"), ("pos", &ps), ("pgno", &list)],
+    );
+    let r = api.send(rb.header("Accept", MEDIA_PAGE_FRAMES)).ok();
+    let frames = decode_page_frames(&r.body).unwrap();
+    assert_eq!(frames.len(), 256);
+    assert_eq!(frames[0].pgno, 1);
+    assert!(frames.iter().all(|f| f.data == page(65536, f.pgno as u8)));
+}
+
+#[test]
 fn bad_names_and_clusters() {
     let s = Server::start(&[]);
     let api = s.api();

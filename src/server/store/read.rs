@@ -11,7 +11,9 @@ use crate::ltx::{lock_page, page_checksum};
 use crate::wire::{Changes, Pos};
 
 /// Most page numbers listed in a change set before it becomes `all: true`.
-const MAX_CHANGED_PGNOS: usize = 65_536;
+pub(super) const MAX_CHANGED_PGNOS: usize = 65_536;
+/// Most page data in one `/db/page` reply; the first requested page is always included.
+pub const MAX_PAGE_REPLY_BYTES: usize = 16 << 20;
 
 /// Pages read at a position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +48,9 @@ impl Store {
             };
             let mut pages = Vec::with_capacity(pgnos.len());
             let mut checksums = Vec::with_capacity(pgnos.len());
-            for (i, &pgno) in pgnos.iter().enumerate() {
+            let most = (MAX_PAGE_REPLY_BYTES / txn.page_size as usize).max(1);
+            // Past the byte cap, the rest are prefetch hints a reply may leave out (spec 2.4).
+            for (i, &pgno) in pgnos.iter().enumerate().take(most) {
                 match read_page(tx, db_id, &txn, pgno)? {
                     Some((ck, data)) => {
                         pages.push((pgno, data));
@@ -165,11 +169,16 @@ fn changes_in(tx: &Connection, db_id: i64, client: Pos) -> StoreResult<Changes> 
     if base.page_size != h.page_size {
         return Ok(all_changed(pos));
     }
+    // One more than the limit is enough to know the answer is `all`: time and memory stay
+    // bounded however much changed since the client's position.
     let mut pgnos: Vec<u32> = tx
         .prepare_cached(
-            "SELECT DISTINCT pgno FROM pages WHERE db_id = ?1 AND txid > ?2 ORDER BY pgno",
+            "SELECT DISTINCT pgno FROM pages WHERE db_id = ?1 AND txid > ?2 ORDER BY pgno LIMIT ?3",
         )?
-        .query_map(rusqlite::params![db_id, base.max_txid as i64], |r| r.get(0))?
+        .query_map(
+            rusqlite::params![db_id, base.max_txid as i64, MAX_CHANGED_PGNOS as i64 + 1],
+            |r| r.get(0),
+        )?
         .collect::<Result<_, _>>()?;
     if h.commit < base.commit {
         if (base.commit - h.commit) as usize > MAX_CHANGED_PGNOS {

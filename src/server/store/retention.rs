@@ -147,6 +147,32 @@ mod tests {
     }
 
     #[test]
+    fn change_lists_past_the_limit_become_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let base = *commits(&store, &key(), 1).last().unwrap();
+        // Grow from 2 to 2 + 65537 pages of zeros in one transaction.
+        let size = 2 + super::super::read::MAX_CHANGED_PGNOS as u32 + 1;
+        let zero = vec![0u8; 512];
+        let lock = ltx::lock_page(512);
+        let mut post = base.checksum.0;
+        let mut w = ltx::Writer::new(Vec::new(), &ltx::Header::new(512, size, 2, 2, post)).unwrap();
+        for p in (3..=size).filter(|p| *p != lock) {
+            w.write_page(p, &zero).unwrap();
+            post = checksum_xor(post, page_checksum(p, &zero));
+        }
+        let bytes = w.finish(post).unwrap().1;
+        let head = store
+            .apply_ltx(&key(), None, bytes.len() as u64, &bytes[..])
+            .unwrap()
+            .pos;
+        let c = store.changes(&key(), base).unwrap().unwrap();
+        assert_eq!((c.pos, c.all, c.pgnos), (head, Some(true), None));
+        let c = store.changes(&key(), head).unwrap().unwrap();
+        assert_eq!(c.all, None);
+    }
+
+    #[test]
     fn positions_inside_the_window_stay_readable() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
