@@ -477,6 +477,38 @@ mod tests {
     }
 
     #[test]
+    fn page_one_stays_at_the_smallest_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
+        let one = Bounds {
+            max_pages: 1,
+            min_free_bytes: 0,
+        };
+        // Page 1 first: nothing else fits, page 1 stays.
+        c.put(Pgno(1), &page(1), one).unwrap();
+        c.put(Pgno(2), &page(2), one).unwrap();
+        assert!(c.contains(Pgno(1)) && !c.contains(Pgno(2)));
+        // Page 1 last, into a full cache: it takes the least recently used page's slot.
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir2.path(), "db", false).unwrap().unwrap();
+        c.put(Pgno(2), &page(2), one).unwrap();
+        c.put(Pgno(1), &page(1), one).unwrap();
+        c.put(Pgno(3), &page(3), one).unwrap();
+        let mut buf = page(0);
+        assert!(c.get(Pgno(1), &mut buf).unwrap() && buf == page(1));
+        // No free space at all: page 1 still finds room, other pages evict each other.
+        let full = Bounds {
+            max_pages: 0,
+            min_free_bytes: u64::MAX,
+        };
+        let dir3 = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir3.path(), "db", false).unwrap().unwrap();
+        c.put(Pgno(1), &page(1), full).unwrap();
+        c.put(Pgno(2), &page(2), full).unwrap();
+        assert!(c.contains(Pgno(1)));
+    }
+
+    #[test]
     fn lru_eviction_keeps_page_one() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cache::open(dir.path(), "db", true).unwrap().unwrap();
