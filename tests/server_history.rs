@@ -674,6 +674,36 @@ fn stalled_request_body_is_refused() {
     assert!(s.api().positions().is_empty());
 }
 
+/// A client that opens connections and never finishes a request head (slowloris), or leaves
+/// them idle, is disconnected after --header-timeout; healthy clients are served meanwhile.
+#[test]
+fn connections_without_a_request_head_are_closed() {
+    use std::io::{Read, Write};
+    let s = Server::start(&["--header-timeout", "1s"]);
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    let mut partial = std::net::TcpStream::connect(addr).unwrap();
+    write!(partial, "GET /pos HTTP/1.1\r\nHost: x\r\n").unwrap();
+    assert!(
+        s.api().positions().is_empty(),
+        "others are served meanwhile"
+    );
+    for sock in [&mut idle, &mut partial] {
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = Vec::new();
+        // The server closes the connection (EOF) instead of waiting forever.
+        let n = sock
+            .read_to_end(&mut buf)
+            .expect("closed by the server, not timed out");
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
+            "{reply:?}"
+        );
+    }
+}
+
 /// A SQLite file cut short (its valid header counts more pages than it has) is corrupt: SQLite
 /// refuses it. The upload must refuse it too instead of storing a database nobody can open.
 #[test]

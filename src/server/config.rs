@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// snapshot that the client does not read, for this long is aborted (e.g. 60s, 500ms).
     #[arg(long, env = "LITEVFS_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub stall_timeout: Duration,
+    /// Longest a connection may take to send a request head, and longest an idle keep-alive
+    /// connection is kept. Keep it above clients' connection-pool idle time (litevfs: 60s).
+    #[arg(long, env = "LITEVFS_HEADER_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
     /// FOR BENCHMARKS ONLY: sleep this many milliseconds before handling every request, to
     /// simulate a remote page store.
     #[arg(long, env = "LITEVFS_DELAY_MS", default_value_t = 0)]
@@ -97,6 +101,8 @@ pub struct Config {
     pub tokens: HashMap<String, Grant>,
     /// How long a transfer may make no progress before it is aborted.
     pub stall_timeout: Duration,
+    /// How long a connection may take to send a request head (and stay idle between requests).
+    pub header_timeout: Duration,
     pub delay: Duration,
 }
 
@@ -129,6 +135,7 @@ impl Config {
             max_body_size: args.max_body_size,
             tokens,
             stall_timeout: args.stall_timeout.max(Duration::from_millis(1)),
+            header_timeout: args.header_timeout.max(Duration::from_millis(1)),
             delay: Duration::from_millis(args.delay_ms),
         })
     }

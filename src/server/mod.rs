@@ -78,16 +78,78 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "page store ready");
     println!("litevfs serve: listening on http://{addr}");
     std::io::stdout().flush()?;
-    axum::serve(listener, routes::router(app.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+    let header_timeout = app.config.header_timeout;
+    accept_loop(
+        listener,
+        routes::router(app.clone()),
+        header_timeout,
+        move || {
             tracing::info!("shutting down");
             let _ = shutdown_tx.send(true);
-        })
-        .await
-        .context("serving HTTP")?;
+        },
+    )
+    .await;
     Ok(())
 }
+
+/// Serves connections until SIGTERM or ctrl-c, then lets in-flight requests finish (long-polls
+/// end early on the shutdown signal; a stalled one is cut off after a grace period).
+///
+/// A connection must deliver each request head within `header_timeout` (this also closes idle
+/// keep-alive connections), so clients that open connections and send nothing cannot hold
+/// them forever; bodies and snapshot streams have their own stall timeout.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    on_shutdown: impl FnOnce(),
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    // HTTP/1.1 only (every client of this API speaks it): a builder that detects HTTP/2 waits
+    // for a connection's first bytes before any timer runs, so a silent client would stay.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut signal => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    on_shutdown();
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+}
+
+/// How long a shutdown waits for in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 async fn shutdown_signal() {
     let ctrl_c = async {
