@@ -19,6 +19,8 @@ use crate::ltx::{EMPTY_CHECKSUM, checksum_xor, page_checksum};
 
 /// Largest number of pages asked for in one request when loading many pages.
 const BATCH: usize = 256;
+/// Page data `litevfs_cache_db` holds in memory at once.
+const CACHE_ALL_CHUNK_BYTES: usize = 8 << 20;
 
 /// Remote requests one connection made in its current read transaction.
 #[derive(Debug, Default)]
@@ -203,10 +205,16 @@ impl Database {
         }
         let lock = Pgno::lock_page(st.page_size);
         let all: Vec<Pgno> = Pgno::all(st.size).filter(|p| *p != lock).collect();
-        let pages = self.committed_pages(&mut st, &all)?;
-        let sum = all.iter().fold(EMPTY_CHECKSUM, |s, p| {
-            checksum_xor(s, page_checksum(p.0, &pages[p]))
-        });
+        // A chunk at a time: the checksum folds page by page, so memory stays at one chunk
+        // however large the database is.
+        let chunk = (CACHE_ALL_CHUNK_BYTES / st.page_size as usize).max(1);
+        let mut sum = EMPTY_CHECKSUM;
+        for pgnos in all.chunks(chunk) {
+            let pages = self.committed_pages(&mut st, pgnos)?;
+            sum = pgnos
+                .iter()
+                .fold(sum, |s, p| checksum_xor(s, page_checksum(p.0, &pages[p])));
+        }
         if sum != st.pos.checksum.0 {
             st.cache.clear()?;
             st.size_known = false;
