@@ -186,7 +186,8 @@ fn wrong_token_names_the_variable() {
         "{err}"
     );
     let out = run("viewer", &["import", "app", a.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("EFORBIDDEN"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("EFORBIDDEN"), "{err}");
     assert!(
         run("s3cret", &["import", "app", a.to_str().unwrap()])
             .status

@@ -625,6 +625,24 @@ fn info_writes_nothing_and_ids_are_stable() {
     assert_eq!(unique.len(), first.len(), "one id per cluster");
 }
 
+/// A refused request with a large body still gets its error reply: the server reads the unread
+/// body (bounded) before answering, instead of closing with data unread, which resets the
+/// connection under a client that is still sending.
+#[test]
+fn refused_uploads_get_their_error_not_a_reset() {
+    let s = Server::start(&["--token", "rw=default:rw", "--token", "ro=default:ro"]);
+    let big = vec![7u8; 4 << 20];
+    for _ in 0..3 {
+        s.api_with("ro")
+            .post("/db/upload", &[("db", "x")], big.clone())
+            .err(403, "EFORBIDDEN");
+        s.api_with("nope")
+            .post("/db/tx", &[("db", "x")], big.clone())
+            .err(401, "EINVALIDAUTH");
+    }
+    assert!(s.api_with("rw").positions().is_empty());
+}
+
 #[test]
 fn auth_tokens() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,9 +5,14 @@
 //! `DATA_DIR/tmp` that disappears when dropped. Bodies are read completely before the store
 //! sees them, so a slow client never holds the store's writer; a body that makes no progress
 //! for `--stall-timeout` is refused (400 `EBADINPUT`), so a stalled client holds nothing forever.
+//! After any error reply, the unread rest of a body is drained (bounded) so the client sees the
+//! error rather than a reset connection.
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -64,7 +69,17 @@ const DRAIN_LIMIT: u64 = 64 << 20;
 
 /// Discards the rest of `stream` (bounded by [`DRAIN_LIMIT`] and by `stall` without progress)
 /// and returns the 413 error.
-async fn reject<S>(mut stream: S, limit: u64, stall: Duration) -> ApiError
+async fn reject<S>(stream: S, limit: u64, stall: Duration) -> ApiError
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
+{
+    drain(stream, stall).await;
+    too_large(limit)
+}
+
+/// Reads and discards `stream`, at most [`DRAIN_LIMIT`] bytes, giving up after `stall` without
+/// progress.
+async fn drain<S>(mut stream: S, stall: Duration)
 where
     S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
 {
@@ -75,7 +90,58 @@ where
             _ => break,
         }
     }
-    too_large(limit)
+}
+
+/// A request body shared between the handler and [`drain_after_error`], so that what a handler
+/// (or an extractor that refused the request) left unread can still be read afterwards.
+struct SharedBody(Arc<Mutex<Option<Body>>>);
+
+impl hyper::body::Body for SharedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+/// Middleware: after an error reply to a request with a body, reads what is left of the body
+/// (bounded like [`reject`]) before the reply goes out. A server that answers early and closes
+/// a connection with unread data makes the kernel reset it, and the client, still sending, then
+/// sees "connection reset" instead of the error (a 401 or 403 on an upload, say).
+pub async fn drain_after_error(
+    axum::extract::State(app): axum::extract::State<Arc<crate::server::App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    if hyper::body::Body::is_end_stream(&body) {
+        return next
+            .run(axum::extract::Request::from_parts(parts, body))
+            .await;
+    }
+    let shared = Arc::new(Mutex::new(Some(body)));
+    let req = axum::extract::Request::from_parts(parts, Body::new(SharedBody(shared.clone())));
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        let rest = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(rest) = rest {
+            drain(rest.into_data_stream(), app.config.stall_timeout).await;
+        }
+    }
+    resp
 }
 
 /// The next chunk of `stream`: `None` at the end, 400 `EBADINPUT` if it fails or if nothing

@@ -61,6 +61,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(misc::metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            super::body::drain_after_error,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
 }
