@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::Pgno;
 use super::commit::{self, Base};
-use super::database::{Database, State};
+use super::database::{Database, State, WriteTxn};
 use super::error::{Error, Result};
 use super::lock::ConnId;
 use crate::ltx::valid_page_size;
@@ -19,12 +19,7 @@ impl Database {
     /// Writes whole pages of the main database file inside the connection's write transaction.
     pub fn write(&self, me: ConnId, offset: u64, data: &[u8]) -> Result<()> {
         let mut st = self.state.lock();
-        let name = self.name.clone();
-        let w = st
-            .write
-            .as_mut()
-            .filter(|w| w.owner == me)
-            .ok_or(Error::NoLease(name))?;
+        let w = self.own_write(&mut st, me)?;
         if w.page_size == 0 && offset == 0 && valid_page_size(data.len() as u32) {
             w.page_size = data.len() as u32;
         }
@@ -43,15 +38,18 @@ impl Database {
         Ok(())
     }
 
+    /// Connection `me`'s write transaction; writing without one means writing without the lease.
+    fn own_write<'s>(&self, st: &'s mut State, me: ConnId) -> Result<&'s mut WriteTxn> {
+        st.write
+            .as_mut()
+            .filter(|w| w.owner == me)
+            .ok_or_else(|| Error::NoLease(self.name.clone()))
+    }
+
     /// Truncates the main database file inside the write transaction (VACUUM, auto-vacuum).
     pub fn truncate(&self, me: ConnId, bytes: u64) -> Result<()> {
         let mut st = self.state.lock();
-        let name = self.name.clone();
-        let w = st
-            .write
-            .as_mut()
-            .filter(|w| w.owner == me)
-            .ok_or(Error::NoLease(name))?;
+        let w = self.own_write(&mut st, me)?;
         if w.page_size == 0 {
             return Ok(());
         }

@@ -15,10 +15,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{blocking, db_key, parse_pos};
+use super::{blocking, db_key, parse_pos, spool_body, writable_db_key};
 use crate::server::App;
 use crate::server::auth::{Caller, Params};
-use crate::server::body::spool;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::wire::{
@@ -60,8 +59,7 @@ pub async fn post_tx(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    caller.require_write()?;
-    let key = db_key(&caller, &params)?;
+    let key = writable_db_key(&caller, &params)?;
     let lease = match headers.get(HEADER_LEASE_ID) {
         Some(v) => Some(
             v.to_str()
@@ -70,14 +68,7 @@ pub async fn post_tx(
         ),
         None => None,
     };
-    let spooled = spool(
-        &headers,
-        body,
-        app.config.max_body_size,
-        app.config.stall_timeout,
-        app.store.tmp_dir(),
-    )
-    .await?;
+    let spooled = spool_body(&app, &headers, body).await?;
     let store = app.store.clone();
     let applied = blocking(move || {
         let len = spooled.len();

@@ -21,11 +21,10 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{blocking, db_key, parse_txid};
+use super::{blocking, db_key, parse_txid, spool_body, writable_db_key};
 use crate::ltx::{HEADER_SIZE, TRAILER_SIZE, lock_page};
 use crate::server::App;
 use crate::server::auth::{Caller, Params};
-use crate::server::body::spool;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::server::store::{Format, RestoreTarget, SnapshotPlan};
@@ -159,16 +158,8 @@ pub async fn post_upload(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<TxidResponse>> {
-    caller.require_write()?;
-    let key = db_key(&caller, &params)?;
-    let spooled = spool(
-        &headers,
-        body,
-        app.config.max_body_size,
-        app.config.stall_timeout,
-        app.store.tmp_dir(),
-    )
-    .await?;
+    let key = writable_db_key(&caller, &params)?;
+    let spooled = spool_body(&app, &headers, body).await?;
     let store = app.store.clone();
     let pos = blocking(move || {
         let len = spooled.len();
@@ -184,8 +175,7 @@ pub async fn delete_db(
     caller: Caller,
     params: Params,
 ) -> ApiResult<StatusCode> {
-    caller.require_write()?;
-    let key = db_key(&caller, &params)?;
+    let key = writable_db_key(&caller, &params)?;
     let store = app.store.clone();
     blocking(move || store.delete_db(&key)).await?;
     Ok(StatusCode::OK)
@@ -218,8 +208,7 @@ pub async fn post_restore(
     caller: Caller,
     params: Params,
 ) -> ApiResult<Json<TxidResponse>> {
-    caller.require_write()?;
-    let key = db_key(&caller, &params)?;
+    let key = writable_db_key(&caller, &params)?;
     let target = restore_target(&params)?;
     let store = app.store.clone();
     let txid = blocking(move || store.restore(&key, target)).await?;

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::{blocking, db_key};
+use super::{blocking, writable_db_key};
 use crate::server::App;
 use crate::server::auth::{Caller, Params};
 use crate::server::error::{ApiError, ApiResult};
@@ -45,8 +45,7 @@ pub async fn post_lease(
     caller: Caller,
     params: Params,
 ) -> ApiResult<Json<Lease>> {
-    caller.require_write()?;
-    let key = db_key(&caller, &params)?;
+    let key = writable_db_key(&caller, &params)?;
     let duration = parse_duration(&params)?;
     if let Some(id) = params.get("id") {
         let r = app.store.leases().refresh(&key, id, duration);
@@ -67,8 +66,7 @@ pub async fn delete_lease(
     caller: Caller,
     params: Params,
 ) -> ApiResult<StatusCode> {
-    caller.require_write()?;
-    let key = db_key(&caller, &params)?;
+    let key = writable_db_key(&caller, &params)?;
     let id = params
         .get("id")
         .ok_or_else(|| ApiError::new(ErrorCode::BadInput, "missing id parameter"))?;

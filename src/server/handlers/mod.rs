@@ -38,6 +38,29 @@ pub fn db_key(caller: &Caller, params: &Params) -> ApiResult<DbKey> {
     })
 }
 
+/// The database a writing request names, once the caller may write (403 `EFORBIDDEN` for a
+/// read-only token).
+pub fn writable_db_key(caller: &Caller, params: &Params) -> ApiResult<DbKey> {
+    caller.require_write()?;
+    db_key(caller, params)
+}
+
+/// The request body, spooled under the server's size limit and stall timeout.
+pub async fn spool_body(
+    app: &crate::server::App,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<crate::server::body::Spool> {
+    crate::server::body::spool(
+        headers,
+        body,
+        app.config.max_body_size,
+        app.config.stall_timeout,
+        app.store.tmp_dir(),
+    )
+    .await
+}
+
 /// A position string `<16 hex>/<16 hex>` (400 `EBADPOS` otherwise).
 pub fn parse_pos(s: &str) -> ApiResult<Pos> {
     s.parse::<Pos>()
