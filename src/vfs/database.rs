@@ -198,7 +198,9 @@ impl Database {
             });
         }
         self.ensure_size(&mut st)?;
-        self.handles.fetch_add(1, Relaxed);
+        if self.handles.fetch_add(1, Relaxed) == 0 {
+            super::sync::database_opened();
+        }
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 //! ([`Database::offer`]), which applies it only between transactions. It never touches pages.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::client::Client;
@@ -16,6 +16,26 @@ use super::database::Database;
 pub const LONG_POLL_WAIT: Duration = Duration::from_secs(5);
 /// Least time between two polls.
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Set when a database opens, so an idle poller starts watching it at once.
+static OPENED: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// Tells the poller that a database opened (it may be idle, waiting for one).
+pub fn database_opened() {
+    let (flag, cv) = &OPENED;
+    *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    cv.notify_all();
+}
+
+/// Waits until a database opens, at most `timeout`.
+fn wait_for_open(timeout: Duration) {
+    let (flag, cv) = &OPENED;
+    let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut opened, _) = cv
+        .wait_timeout_while(guard, timeout, |opened| !*opened)
+        .unwrap_or_else(|p| p.into_inner());
+    *opened = false;
+}
 
 /// Runs forever.
 pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
@@ -30,7 +50,7 @@ pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
             })
             .collect();
         let Some(period) = dbs.iter().map(|d| d.sync_period()).min() else {
-            std::thread::sleep(Duration::from_millis(100));
+            wait_for_open(Duration::from_millis(100));
             continue;
         };
         let positions: BTreeMap<String, _> = dbs
