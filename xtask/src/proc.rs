@@ -190,7 +190,7 @@ impl Drop for Shell {
 }
 
 /// Sends each line of `r` to `tx` from a background thread until EOF.
-fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+pub fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {

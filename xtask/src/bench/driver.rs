@@ -5,13 +5,13 @@
 //! Owns process handling and parsing of the driver's answers; every session is killed when it
 //! drops. It does not interpret the numbers.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::proc::Error;
+use crate::proc::{Error, forward_lines};
 
 /// One `ok` answer: its key=value pairs, in order.
 #[derive(Clone, Debug, Default)]
@@ -206,13 +206,7 @@ impl Session {
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        forward_lines(stdout, tx);
         let mut s = Session {
             child,
             stdin,
