@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::read::plan_in;
 use super::{
-    DbKey, SnapshotPlan, Store, StoreError, StoreResult, TXN_COLS, TxnRow, find_db, head,
-    insert_db, insert_page, insert_txn, now_ms, page_version, txn_at, txn_from_row,
+    DbKey, Fetch, LocalBytes, SnapshotPlan, Store, StoreError, StoreResult, TXN_COLS, TxnRow,
+    commit_rows, find_db, head, page_version, txn_at, txn_from_row, verify,
 };
 use crate::dbfile::DbHeader;
 use crate::ltx::{self, EMPTY_CHECKSUM, checksum_xor, lock_page, page_checksum};
@@ -98,10 +98,13 @@ impl Store {
             }
             Ok(())
         };
-        let pos = self
-            .write(|tx| append_image(tx, key, hdr.page_size, commit, ltx::now_ms(), &mut fill))?;
+        let (row, _) = self.write(|tx| {
+            commit_rows(tx, key, |head, sink| {
+                verify::image(head, hdr.page_size, commit, ltx::now_ms(), &mut fill, sink)
+            })
+        })?;
         self.notify();
-        Ok(pos)
+        Ok(row.pos())
     }
 
     /// Re-appends the image at `target` as a new transaction; returns the new head TXID (or the
@@ -115,24 +118,35 @@ impl Store {
             if t.max_txid == h.max_txid {
                 return Ok((h.max_txid, false));
             }
-            let lock = lock_page(t.page_size);
-            let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
-                if pgno == lock {
-                    buf.fill(0);
-                    return Ok(());
-                }
-                let (_, data) = page_version(tx, db_id, pgno, t.max_txid)?
-                    .ok_or(StoreError::NoPrevPage(pgno))?;
-                buf.copy_from_slice(&data);
-                Ok(())
-            };
-            let pos = append_image(tx, key, t.page_size, t.commit, ltx::now_ms(), &mut fill)?;
-            Ok((pos.txid.0, true))
+            let mut fill = image_pages(tx, db_id, &t, &LocalBytes);
+            let (row, _) = commit_rows(tx, key, |head, sink| {
+                verify::image(head, t.page_size, t.commit, ltx::now_ms(), &mut fill, sink)
+            })?;
+            Ok((row.max_txid, true))
         })?;
         if changed {
             self.notify();
         }
         Ok(Txid(txid))
+    }
+}
+
+/// Fills page buffers with the image at `t` (the lock page reads as zeros).
+fn image_pages<'a>(
+    tx: &'a Connection,
+    db_id: i64,
+    t: &'a TxnRow,
+    fetch: &'a dyn Fetch,
+) -> impl FnMut(u32, &mut [u8]) -> StoreResult<()> + 'a {
+    let lock = lock_page(t.page_size);
+    move |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
+        if pgno == lock {
+            buf.fill(0);
+            return Ok(());
+        }
+        let v = page_version(tx, db_id, pgno, t.max_txid)?.ok_or(StoreError::NoPrevPage(pgno))?;
+        buf.copy_from_slice(&fetch.bytes(tx, db_id, &v)?);
+        Ok(())
     }
 }
 
@@ -153,72 +167,6 @@ fn resolve(tx: &Connection, db_id: i64, target: RestoreTarget) -> StoreResult<Tx
     }
 }
 
-/// Appends a full image (pages 1..=commit from `fill`, in order) at head+1.
-fn append_image(
-    tx: &Connection,
-    key: &DbKey,
-    page_size: u32,
-    commit: u32,
-    timestamp_ms: u64,
-    fill: &mut dyn FnMut(u32, &mut [u8]) -> StoreResult<()>,
-) -> StoreResult<Pos> {
-    let db_id = match find_db(tx, key)? {
-        Some(id) => id,
-        None => insert_db(tx, key)?,
-    };
-    let old = head(tx, db_id)?;
-    let (old_txid, old_commit, old_post) = old
-        .as_ref()
-        .map_or((0, 0, 0), |o| (o.max_txid, o.commit, o.post_apply));
-    if let Some(o) = old
-        .as_ref()
-        .filter(|o| o.commit > 0 && o.page_size != page_size)
-    {
-        return Err(StoreError::BadHeader(format!(
-            "page size mismatch: database has {}, image has {page_size}",
-            o.page_size
-        )));
-    }
-    // TXIDs are stored as SQLite integers: past i64::MAX the new head would sort below the old.
-    if old_txid >= i64::MAX as u64 {
-        return Err(StoreError::BadInput(format!(
-            "database is at TXID {old_txid:016x}, the largest there is: nothing can follow it"
-        )));
-    }
-    let txid = old_txid + 1;
-    let lock = lock_page(page_size);
-    let mut checksum = EMPTY_CHECKSUM;
-    let mut buf = vec![0u8; page_size as usize];
-    for pgno in 1..=commit {
-        fill(pgno, &mut buf)?;
-        if pgno == lock {
-            continue;
-        }
-        let ck = page_checksum(pgno, &buf);
-        checksum = checksum_xor(checksum, ck);
-        if pgno <= old_commit
-            && let Some((old_ck, old_data)) = page_version(tx, db_id, pgno, old_txid)?
-            && old_ck == ck
-            && old_data == buf
-        {
-            continue;
-        }
-        insert_page(tx, db_id, pgno, txid, ck, &buf)?;
-    }
-    let row = TxnRow {
-        min_txid: if old.is_some() { txid } else { 1 },
-        max_txid: txid,
-        page_size,
-        commit,
-        timestamp_ms,
-        pre_apply: old_post,
-        post_apply: checksum,
-        created_ms: now_ms(),
-    };
-    insert_txn(tx, db_id, &row)?;
-    Ok(row.pos())
-}
-
 /// Streams the image of `plan` to `out`.
 fn write_image(
     tx: &Connection,
@@ -229,9 +177,10 @@ fn write_image(
     let t = &plan.txn;
     let lock = lock_page(t.page_size);
     let page = |pgno: u32| -> StoreResult<Vec<u8>> {
-        let (ck, data) =
+        let v =
             page_version(tx, plan.db_id, pgno, t.max_txid)?.ok_or(StoreError::NoPrevPage(pgno))?;
-        if page_checksum(pgno, &data) != ck {
+        let data = LocalBytes.bytes(tx, plan.db_id, &v)?;
+        if page_checksum(pgno, &data) != v.ck {
             return Err(StoreError::Corrupt(format!(
                 "stored page {pgno} fails its checksum"
             )));

@@ -17,6 +17,7 @@ mod lease;
 mod read;
 mod retention;
 mod schema;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -32,6 +33,7 @@ pub use image::{Format, RestoreTarget};
 pub use lease::{DEFAULT_LEASE, LeaseEvent, Leases, MAX_LEASE, MIN_LEASE};
 pub use read::SnapshotPlan;
 pub use retention::CompactionStats;
+pub use verify::ltx_header;
 
 /// A database's identity: its cluster (namespace) and name, both already validated.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -371,30 +373,76 @@ fn insert_txn(tx: &Connection, db_id: i64, t: &TxnRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The newest version of `pgno` at or before `txid`: (checksum, data).
+/// Where the bytes of a page version are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bytes {
+    /// In `store.db` (always in local mode; cached in bucket mode).
+    Here(Vec<u8>),
+    /// Only in an object of the bucket.
+    Remote(Loc),
+}
+
+/// The place of a page version in the bucket: an object (a row of `objects`) and its slot.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Loc {
+    pub obj: i64,
+    pub slot: u64,
+}
+
+/// A stored page version: the version of `pgno` written by the transaction ending at `txid`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub pgno: u32,
+    pub txid: u64,
+    pub ck: u64,
+    pub bytes: Bytes,
+}
+
+/// Reads the bytes of page versions that are not in `store.db`.
+pub(crate) trait Fetch {
+    /// The bytes of `v`, verified against its checksum.
+    fn bytes(&self, tx: &Connection, db_id: i64, v: &Version) -> StoreResult<Vec<u8>>;
+}
+
+/// Local mode: every version's bytes are in `store.db`.
+pub(crate) struct LocalBytes;
+
+impl Fetch for LocalBytes {
+    fn bytes(&self, _tx: &Connection, _db_id: i64, v: &Version) -> StoreResult<Vec<u8>> {
+        match &v.bytes {
+            Bytes::Here(data) => Ok(data.clone()),
+            Bytes::Remote(_) => Err(StoreError::Corrupt(format!(
+                "page {} at {:016x} has no bytes in store.db",
+                v.pgno, v.txid
+            ))),
+        }
+    }
+}
+
+/// The newest version of `pgno` at or before `txid`.
 fn page_version(
     tx: &Connection,
     db_id: i64,
     pgno: u32,
     txid: u64,
-) -> rusqlite::Result<Option<(u64, Vec<u8>)>> {
+) -> rusqlite::Result<Option<Version>> {
     tx.prepare_cached(
-        "SELECT chksum, data FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
+        "SELECT txid, chksum, data FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
          ORDER BY txid DESC LIMIT 1",
     )?
     .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+        Ok(Version {
+            pgno,
+            txid: r.get::<_, i64>(0)? as u64,
+            ck: r.get::<_, i64>(1)? as u64,
+            bytes: Bytes::Here(r.get(2)?),
+        })
     })
     .optional()
 }
 
 /// The checksum of the newest version of `pgno` at or before `txid`.
-fn page_checksum_at(
-    tx: &Connection,
-    db_id: i64,
-    pgno: u32,
-    txid: u64,
-) -> rusqlite::Result<Option<u64>> {
+fn page_ck(tx: &Connection, db_id: i64, pgno: u32, txid: u64) -> rusqlite::Result<Option<u64>> {
     tx.prepare_cached(
         "SELECT chksum FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
          ORDER BY txid DESC LIMIT 1",
@@ -403,6 +451,27 @@ fn page_checksum_at(
         Ok(r.get::<_, i64>(0)? as u64)
     })
     .optional()
+}
+
+/// Stores the page versions of one transaction as rows of `pages` (local mode).
+struct RowSink<'t> {
+    tx: &'t Connection,
+    db_id: i64,
+    txid: u64,
+    stored: u64,
+}
+
+impl verify::PageSink for RowSink<'_> {
+    fn begin(&mut self, txid: u64, _page_size: u32) -> StoreResult<()> {
+        self.txid = txid;
+        Ok(())
+    }
+
+    fn page(&mut self, pgno: u32, ck: u64, data: &[u8]) -> StoreResult<()> {
+        insert_page(self.tx, self.db_id, pgno, self.txid, ck, data)?;
+        self.stored += 1;
+        Ok(())
+    }
 }
 
 fn insert_page(
@@ -418,4 +487,48 @@ fn insert_page(
     )?
     .execute(rusqlite::params![db_id, pgno, txid as i64, ck as i64, data])?;
     Ok(())
+}
+
+/// The head of `key` as seen by `tx`, for verifying a new transaction.
+fn head_of<'t>(
+    tx: &'t Connection,
+    key: &DbKey,
+    fetch: &'t dyn Fetch,
+) -> StoreResult<verify::Head<'t>> {
+    let db_id = find_db(tx, key)?;
+    let row = match db_id {
+        Some(id) => head(tx, id)?,
+        None => None,
+    };
+    Ok(verify::Head {
+        tx,
+        db_id,
+        row,
+        fetch,
+    })
+}
+
+/// Local mode: verifies one transaction and stores it as rows, in the caller's write
+/// transaction. `verify` gets the head and the sink.
+fn commit_rows(
+    tx: &Connection,
+    key: &DbKey,
+    verify: impl FnOnce(&verify::Head, &mut dyn verify::PageSink) -> StoreResult<TxnRow>,
+) -> StoreResult<(TxnRow, u64)> {
+    let head = head_of(tx, key, &LocalBytes)?;
+    // A refused transaction rolls back with the caller's transaction, database row included.
+    let db_id = match head.db_id {
+        Some(id) => id,
+        None => insert_db(tx, key)?,
+    };
+    let mut sink = RowSink {
+        tx,
+        db_id,
+        txid: 0,
+        stored: 0,
+    };
+    let mut row = verify(&head, &mut sink)?;
+    row.created_ms = now_ms();
+    insert_txn(tx, db_id, &row)?;
+    Ok((row, sink.stored))
 }

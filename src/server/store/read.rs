@@ -6,7 +6,10 @@
 
 use rusqlite::Connection;
 
-use super::{DbKey, Store, StoreError, StoreResult, TxnRow, find_db, head, page_version, txn_at};
+use super::{
+    Bytes, DbKey, Fetch, LocalBytes, Store, StoreError, StoreResult, TxnRow, Version, find_db,
+    head, page_version, txn_at,
+};
 use crate::ltx::{lock_page, page_checksum};
 use crate::wire::{Changes, Pos};
 
@@ -52,9 +55,9 @@ impl Store {
             // Past the byte cap, the rest are prefetch hints a reply may leave out (spec 2.4).
             for (i, &pgno) in pgnos.iter().enumerate().take(most) {
                 match read_page(tx, db_id, &txn, pgno)? {
-                    Some((ck, data)) => {
-                        pages.push((pgno, data));
-                        checksums.push((pgno, ck));
+                    Some(v) => {
+                        pages.push((pgno, LocalBytes.bytes(tx, db_id, &v)?));
+                        checksums.push((pgno, v.ck));
                     }
                     None if i == 0 => return Err(StoreError::NoPage(pgno)),
                     None => {}
@@ -112,19 +115,19 @@ fn servable(tx: &Connection, db_id: i64, pos: Pos) -> StoreResult<TxnRow> {
     }
 }
 
-/// The page (checksum, data) at `txn`, `None` past its commit size.
-fn read_page(
-    tx: &Connection,
-    db_id: i64,
-    txn: &TxnRow,
-    pgno: u32,
-) -> StoreResult<Option<(u64, Vec<u8>)>> {
+/// The version of `pgno` at `txn`, `None` past its commit size. The lock page reads as zeros.
+fn read_page(tx: &Connection, db_id: i64, txn: &TxnRow, pgno: u32) -> StoreResult<Option<Version>> {
     if pgno == 0 || pgno > txn.commit {
         return Ok(None);
     }
     if pgno == lock_page(txn.page_size) {
         let zeros = vec![0; txn.page_size as usize];
-        return Ok(Some((page_checksum(pgno, &zeros), zeros)));
+        return Ok(Some(Version {
+            pgno,
+            txid: txn.max_txid,
+            ck: page_checksum(pgno, &zeros),
+            bytes: Bytes::Here(zeros),
+        }));
     }
     match page_version(tx, db_id, pgno, txn.max_txid)? {
         Some(v) => Ok(Some(v)),
