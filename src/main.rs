@@ -12,8 +12,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the page store (the LiteFS Cloud HTTP API) on a local data directory.
-    Serve(litevfs::server::ServeArgs),
+    /// Run the page store (the LiteFS Cloud HTTP API) on a local data directory, or on object
+    /// storage with --store.
+    Serve(Box<litevfs::server::ServeArgs>),
     #[command(flatten)]
     Admin(litevfs::admin::AdminCommand),
 }
@@ -21,7 +22,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => litevfs::server::run(args),
+        Command::Serve(args) => litevfs::server::run(*args),
         Command::Admin(cmd) => litevfs::admin::run(cmd),
     }
 }

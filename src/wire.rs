@@ -300,10 +300,12 @@ pub enum ErrorCode {
     BadHeader,
     TooLarge,
     Internal,
+    Unavailable,
+    CommitUnknown,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::PosMismatch,
         ErrorCode::InvalidAuth,
         ErrorCode::Forbidden,
@@ -328,6 +330,8 @@ impl ErrorCode {
         ErrorCode::BadHeader,
         ErrorCode::TooLarge,
         ErrorCode::Internal,
+        ErrorCode::Unavailable,
+        ErrorCode::CommitUnknown,
     ];
 
     /// The code string on the wire.
@@ -357,6 +361,8 @@ impl ErrorCode {
             ErrorCode::BadHeader => "EBADHEADER",
             ErrorCode::TooLarge => "ETOOLARGE",
             ErrorCode::Internal => "EINTERNAL",
+            ErrorCode::Unavailable => "EUNAVAILABLE",
+            ErrorCode::CommitUnknown => "ECOMMITUNKNOWN",
         }
     }
 
@@ -384,6 +390,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::LeaseMismatch | ErrorCode::BadHeader => 422,
             ErrorCode::Internal => 500,
+            ErrorCode::Unavailable | ErrorCode::CommitUnknown => 503,
         }
     }
 

@@ -44,6 +44,46 @@ pub struct ServeArgs {
     /// connection is kept. Keep it above clients' connection-pool idle time (litevfs: 60s).
     #[arg(long, env = "LITEVFS_HEADER_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+    /// Keep the databases in object storage instead of `DATA_DIR/store.db`:
+    /// `s3://BUCKET/PREFIX` (S3 or any S3-compatible service) or `file://DIR` (the same layout in
+    /// a local directory). `--data-dir` then holds only a bounded cache (`--cache-size`).
+    #[arg(long = "store", env = "LITEVFS_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// S3 access key id (with --store s3://).
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub aws_access_key_id: Option<String>,
+    /// S3 secret access key (with --store s3://).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub aws_secret_access_key: Option<String>,
+    /// S3 session token, for temporary credentials (with --store s3://).
+    #[arg(long, env = "AWS_SESSION_TOKEN", hide_env_values = true)]
+    pub aws_session_token: Option<String>,
+    /// S3 region (with --store s3://; the service's default is us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// Endpoint of an S3-compatible service (MinIO, R2, Tigris, ...); http:// is allowed.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// Path-style addressing (ENDPOINT/BUCKET/KEY), which MinIO and most self-hosted
+    /// S3-compatible servers need, instead of virtual-hosted style (BUCKET.ENDPOINT/KEY).
+    #[arg(long, env = "LITEVFS_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+    /// With --store: how often databases that have long-polling readers or a lease granted here
+    /// are checked for commits made through other servers (e.g. 100ms, 1s).
+    #[arg(long, env = "LITEVFS_POLL_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// With --store: the most disk the cache in --data-dir may use (e.g. 1GiB, 256MiB); least
+    /// recently used pages are evicted first.
+    #[arg(long, env = "LITEVFS_CACHE_SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// With --store: how far apart the clocks of the servers on one bucket may be. A lease that
+    /// expired is taken over only this long after its expiry.
+    #[arg(long, env = "LITEVFS_MAX_CLOCK_SKEW", default_value = "500ms", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+    /// With --store: how long an object that compaction superseded stays in the bucket beyond
+    /// --retention before it is deleted; keep it above the longest request (default 60s).
+    #[arg(long, env = "LITEVFS_GC_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub gc_grace: Duration,
     /// FOR BENCHMARKS ONLY: sleep this many milliseconds before handling every request, to
     /// simulate a remote page store.
     #[arg(long, env = "LITEVFS_DELAY_MS", default_value_t = 0)]
@@ -89,6 +129,8 @@ pub enum ConfigError {
          configure --token/--tokens-file or pass --insecure"
     )]
     Insecure(SocketAddr),
+    #[error("{0}")]
+    Bucket(String),
 }
 
 /// Validated configuration.
@@ -104,6 +146,53 @@ pub struct Config {
     /// How long a connection may take to send a request head (and stay idle between requests).
     pub header_timeout: Duration,
     pub delay: Duration,
+    /// Bucket mode (`--store`).
+    pub bucket: Option<BucketSettings>,
+}
+
+/// Settings of bucket mode.
+#[derive(Clone, Debug)]
+pub struct BucketSettings {
+    pub conn: crate::server::bucket::BucketConfig,
+    pub remote: crate::server::store::remote::RemoteConfig,
+}
+
+/// Smallest `--cache-size`: the index of a database must fit beside some pages.
+const MIN_CACHE_SIZE: u64 = 8 << 20;
+
+fn bucket_settings(args: &ServeArgs) -> Result<Option<BucketSettings>, ConfigError> {
+    let Some(url) = &args.store else {
+        return Ok(None);
+    };
+    if args.cache_size < MIN_CACHE_SIZE {
+        return Err(ConfigError::Bucket(format!(
+            "--cache-size {} is below the minimum of {MIN_CACHE_SIZE} bytes",
+            args.cache_size
+        )));
+    }
+    if args.poll_interval < Duration::from_millis(10) {
+        return Err(ConfigError::Bucket(
+            "--poll-interval must be at least 10ms".into(),
+        ));
+    }
+    Ok(Some(BucketSettings {
+        conn: crate::server::bucket::BucketConfig {
+            url: url.clone(),
+            access_key_id: args.aws_access_key_id.clone(),
+            secret_access_key: args.aws_secret_access_key.clone(),
+            session_token: args.aws_session_token.clone(),
+            region: args.aws_region.clone(),
+            endpoint: args.aws_endpoint_url.clone(),
+            path_style: args.s3_path_style,
+        },
+        remote: crate::server::store::remote::RemoteConfig {
+            poll_interval: args.poll_interval,
+            retention: args.retention,
+            max_skew: args.max_clock_skew,
+            cache_size: args.cache_size,
+            gc_grace: args.gc_grace,
+        },
+    }))
 }
 
 impl Config {
@@ -137,6 +226,7 @@ impl Config {
             stall_timeout: args.stall_timeout.max(Duration::from_millis(1)),
             header_timeout: args.header_timeout.max(Duration::from_millis(1)),
             delay: Duration::from_millis(args.delay_ms),
+            bucket: bucket_settings(args)?,
         })
     }
 }

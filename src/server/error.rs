@@ -93,8 +93,11 @@ impl From<StoreError> for ApiError {
             StoreError::NoLease => ErrorCode::NoLease,
             StoreError::LeaseMismatch => ErrorCode::LeaseMismatch,
             StoreError::BadInput(_) => ErrorCode::BadInput,
+            StoreError::Unavailable(_) | StoreError::Stale(_) => ErrorCode::Unavailable,
+            StoreError::CommitUnknown(_) => ErrorCode::CommitUnknown,
             StoreError::Corrupt(_)
             | StoreError::Locked(_)
+            | StoreError::Mode(_)
             | StoreError::Sqlite(_)
             | StoreError::Io(_) => ErrorCode::Internal,
         };

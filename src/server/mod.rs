@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod bucket;
 pub mod config;
 pub mod error;
 pub mod handlers;
@@ -56,9 +57,30 @@ fn init_tracing() {
         .try_init();
 }
 
+/// Opens the store: `store.db` in the data directory, or (with `--store`) the bucket with the
+/// data directory as its cache. Checks that the bucket answers, so bad credentials stop the start.
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let data_dir = config.data_dir.clone();
+    let Some(b) = config.bucket.clone() else {
+        return Store::open(&data_dir, config.retention)
+            .with_context(|| format!("opening the store in {}", data_dir.display()));
+    };
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let url = b.conn.url.clone();
+        let bucket = bucket::Bucket::open(&b.conn, rt)?;
+        Store::open_bucket(&data_dir, Arc::new(bucket), b.remote).with_context(|| {
+            format!(
+                "opening the object store {url} (cache in {})",
+                data_dir.display()
+            )
+        })
+    })
+    .await?
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let store = Store::open(&config.data_dir, config.retention)
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let store = open_store(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -76,7 +98,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown_rx,
     });
     tokio::spawn(compaction_loop(app.clone()));
-    tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "page store ready");
+    if let Some(b) = &app.config.bucket {
+        tokio::spawn(poll_loop(app.clone(), b.remote.poll_interval));
+        tracing::info!(%addr, store = %b.conn.url, cache = %app.config.data_dir.display(), "page store ready");
+    } else {
+        tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "page store ready");
+    }
     println!("litevfs serve: listening on http://{addr}");
     std::io::stdout().flush()?;
     let header_timeout = app.config.header_timeout;
@@ -200,6 +227,42 @@ async fn compaction_loop(app: Arc<App>) {
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "compaction failed"),
             Err(e) => tracing::warn!(error = %e, "compaction task failed"),
+        }
+    }
+}
+
+/// Most databases the poller refreshes at once.
+const POLL_CONCURRENCY: usize = 16;
+
+/// Bucket mode: every `interval`, looks for commits made through other servers in the databases
+/// that have long-polling readers or a lease granted here, so those readers see them.
+async fn poll_loop(app: Arc<App>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = std::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        tick.tick().await;
+        if *app.shutdown.borrow() {
+            return;
+        }
+        let keys = app.store.active_databases();
+        for chunk in keys.chunks(POLL_CONCURRENCY) {
+            let tasks: Vec<_> = chunk
+                .iter()
+                .cloned()
+                .map(|key| {
+                    let store = app.store.clone();
+                    tokio::task::spawn_blocking(move || (store.poll(&key), key))
+                })
+                .collect();
+            for t in tasks {
+                if let Ok((Err(e), key)) = t.await
+                    && warned.elapsed() > Duration::from_secs(10)
+                {
+                    warned = std::time::Instant::now();
+                    tracing::warn!(db = %key.name, error = %e, "polling the object store");
+                }
+            }
         }
     }
 }

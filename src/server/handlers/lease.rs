@@ -28,6 +28,18 @@ fn parse_duration(params: &Params) -> ApiResult<Duration> {
     }
 }
 
+/// Runs a lease operation off the executor (in bucket mode it reads and writes the bucket).
+async fn in_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(crate::server::store::StoreError::Corrupt(format!(
+            "lease task failed: {e}"
+        ))),
+    }
+}
+
 /// Counts the outcome of a lease operation and converts store errors.
 fn record<T>(app: &App, ok: LeaseEvent, r: StoreResult<T>) -> ApiResult<T> {
     let event = match &r {
@@ -47,15 +59,15 @@ pub async fn post_lease(
 ) -> ApiResult<Json<Lease>> {
     let key = writable_db_key(&caller, &params)?;
     let duration = parse_duration(&params)?;
+    let store = app.store.clone();
     if let Some(id) = params.get("id") {
-        let r = app.store.leases().refresh(&key, id, duration);
+        let id = id.to_string();
+        let r = in_blocking(move || store.refresh_lease(&key, &id, duration)).await;
         return record(&app, LeaseEvent::Refreshed, r).map(Json);
     }
-    let lease = record(
-        &app,
-        LeaseEvent::Acquired,
-        app.store.leases().acquire(&key, duration),
-    )?;
+    let k = key.clone();
+    let r = in_blocking(move || store.acquire_lease(&k, duration)).await;
+    let lease = record(&app, LeaseEvent::Acquired, r)?;
     let store = app.store.clone();
     blocking(move || store.ensure_db(&key)).await?;
     Ok(Json(lease))
@@ -70,10 +82,8 @@ pub async fn delete_lease(
     let id = params
         .get("id")
         .ok_or_else(|| ApiError::new(ErrorCode::BadInput, "missing id parameter"))?;
-    record(
-        &app,
-        LeaseEvent::Released,
-        app.store.leases().release(&key, id),
-    )?;
+    let (store, id) = (app.store.clone(), id.to_string());
+    let r = in_blocking(move || store.release_lease(&key, &id)).await;
+    record(&app, LeaseEvent::Released, r)?;
     Ok(StatusCode::OK)
 }

@@ -27,8 +27,9 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
+    let mut text = app.metrics.render();
+    if let Some(b) = app.store.bucket_metrics() {
+        b.render(&mut text);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

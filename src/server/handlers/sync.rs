@@ -21,7 +21,7 @@ use crate::server::App;
 use crate::server::auth::{Caller, Params};
 use crate::server::body::read_small;
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::store::{Store, StoreResult};
+use crate::server::store::{DbKey, Store, StoreResult};
 use crate::wire::{
     Changes, ErrorCode, MAX_SYNC_WAIT_MS, Pos, SyncRequest, SyncResponse, validate_db_name,
 };
@@ -45,11 +45,14 @@ fn parse_wait(params: &Params) -> ApiResult<Option<Duration>> {
 /// Evaluates `read` until `moved` says so, the wait ends, or the server shuts down.
 async fn long_poll<T: Send + 'static>(
     app: &Arc<App>,
+    keys: Vec<DbKey>,
     wait: Option<Duration>,
     read: impl Fn(&Store) -> StoreResult<T> + Clone + Send + 'static,
     moved: impl Fn(&T) -> bool,
 ) -> ApiResult<T> {
     let deadline = Instant::now() + wait.unwrap_or_default();
+    // Bucket mode: while a reader waits, the poller looks for other servers' commits.
+    let _watching = wait.and_then(|_| app.store.watch(keys));
     let mut changes = app.store.subscribe();
     let mut shutdown = app.shutdown.clone();
     loop {
@@ -81,9 +84,10 @@ pub async fn get_db_sync(
         .unwrap_or(Pos::ZERO);
     let wait = parse_wait(&params)?;
     let name = key.name.clone();
+    let keys = vec![key.clone()];
     let read = move |s: &Store| s.changes(&key, client);
     let moved = |c: &Option<Changes>| c.as_ref().is_none_or(|c| c.pos != client || c.drops_all());
-    match long_poll(&app, wait, read, moved).await? {
+    match long_poll(&app, keys, wait, read, moved).await? {
         Some(c) => Ok(Json(c)),
         None => Err(ApiError::no_db(&name)),
     }
@@ -107,6 +111,13 @@ pub async fn post_sync(
     let positions: Vec<(String, Pos)> = req.positions.into_iter().collect();
     let requested: BTreeMap<String, Pos> = positions.iter().cloned().collect();
     let cluster = caller.cluster.clone();
+    let keys = positions
+        .iter()
+        .map(|(name, _)| DbKey {
+            cluster: cluster.clone(),
+            name: name.clone(),
+        })
+        .collect();
     let read = move |s: &Store| s.changes_many(&cluster, &positions);
     let moved = |got: &Vec<(String, Changes)>| {
         let found: BTreeMap<&str, &Changes> = got.iter().map(|(n, c)| (n.as_str(), c)).collect();
@@ -117,7 +128,7 @@ pub async fn post_sync(
                 None => !pos.is_zero(),
             })
     };
-    let got = long_poll(&app, wait, read, moved).await?;
+    let got = long_poll(&app, keys, wait, read, moved).await?;
     Ok(Json(SyncResponse {
         changes: got.into_iter().collect(),
     }))

@@ -7,6 +7,7 @@
 
 use std::io::Read;
 
+use super::publish::LeaseRule;
 use super::{DbKey, Store, StoreResult, commit_rows, verify};
 use crate::wire::Pos;
 
@@ -27,14 +28,45 @@ impl Store {
         len: u64,
         body: impl Read,
     ) -> StoreResult<Applied> {
-        let (row, stored) = self.write(|tx| {
-            self.leases.check_write(key, lease)?;
-            commit_rows(tx, key, |head, sink| verify::ltx(head, len, body, sink))
-        })?;
-        self.notify();
+        let (row, stored) = match self.remote() {
+            Some(r) => {
+                // The first TXID tells whether the client is ahead of this server.
+                let mut body = body;
+                let mut first = [0u8; crate::ltx::HEADER_SIZE];
+                let n = read_up_to(&mut body, &mut first)?;
+                let min = verify::ltx_header(&first[..n]).ok().map(|h| h.min_txid);
+                let body = (&first[..n]).chain(body);
+                let rule = LeaseRule::Header(lease);
+                self.commit_bucketed(r, key, rule, min, |head, sink| {
+                    verify::ltx(head, len, body, sink)
+                })?
+            }
+            None => {
+                let applied = self.write(|tx| {
+                    self.leases.check_write(key, lease)?;
+                    commit_rows(tx, key, |head, sink| verify::ltx(head, len, body, sink))
+                })?;
+                self.notify();
+                applied
+            }
+        };
         Ok(Applied {
             pos: row.pos(),
             pages_stored: stored,
         })
     }
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

@@ -11,7 +11,10 @@ use std::str::FromStr;
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::publish::LeaseRule;
 use super::read::plan_in;
+use super::remote::{Need, Remote, RemoteBytes};
+use super::verify::PageSink;
 use super::{
     DbKey, Fetch, LocalBytes, SnapshotPlan, Store, StoreError, StoreResult, TXN_COLS, TxnRow,
     commit_rows, find_db, head, page_version, txn_at, txn_from_row, verify,
@@ -59,13 +62,26 @@ impl Store {
         format: Format,
         start: impl FnOnce(&SnapshotPlan) -> Option<W>,
     ) -> StoreResult<()> {
-        self.read(|tx| {
+        let Some(r) = self.remote() else {
+            return self.read(|tx| {
+                let plan = plan_in(tx, key, txid)?;
+                match start(&plan) {
+                    Some(out) => write_image(tx, &plan, format, out, &LocalBytes),
+                    None => Ok(()),
+                }
+            });
+        };
+        self.sync_db(r, key, txid.map_or(Need::Recent, Need::Txid))?;
+        let fetch = RemoteBytes { remote: r };
+        let res = self.read(|tx| {
             let plan = plan_in(tx, key, txid)?;
             match start(&plan) {
-                Some(out) => write_image(tx, &plan, format, out),
+                Some(out) => write_image(tx, &plan, format, out, &fetch),
                 None => Ok(()),
             }
-        })
+        });
+        self.flush_stash(r);
+        res
     }
 
     /// Imports a raw SQLite file of `len` bytes as a new transaction at head+1.
@@ -98,18 +114,29 @@ impl Store {
             }
             Ok(())
         };
-        let (row, _) = self.write(|tx| {
-            commit_rows(tx, key, |head, sink| {
-                verify::image(head, hdr.page_size, commit, ltx::now_ms(), &mut fill, sink)
-            })
-        })?;
-        self.notify();
+        let mut verify = |head: &verify::Head, sink: &mut dyn PageSink| {
+            verify::image(head, hdr.page_size, commit, ltx::now_ms(), &mut fill, sink)
+        };
+        let row = match self.remote() {
+            Some(r) => {
+                self.commit_bucketed(r, key, LeaseRule::Ignore, None, &mut verify)?
+                    .0
+            }
+            None => {
+                let (row, _) = self.write(|tx| commit_rows(tx, key, &mut verify))?;
+                self.notify();
+                row
+            }
+        };
         Ok(row.pos())
     }
 
     /// Re-appends the image at `target` as a new transaction; returns the new head TXID (or the
     /// current one when the target is the current position).
     pub fn restore(&self, key: &DbKey, target: RestoreTarget) -> StoreResult<Txid> {
+        if let Some(r) = self.remote() {
+            return self.restore_bucketed(r, key, target);
+        }
         let (txid, changed) = self.write(|tx| {
             let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
             let h = head(tx, db_id)?
@@ -118,8 +145,9 @@ impl Store {
             if t.max_txid == h.max_txid {
                 return Ok((h.max_txid, false));
             }
-            let mut fill = image_pages(tx, db_id, &t, &LocalBytes);
+            let mut pages = ImageReader::new(tx, db_id, &t, &LocalBytes);
             let (row, _) = commit_rows(tx, key, |head, sink| {
+                let mut fill = |pgno: u32, buf: &mut [u8]| pages.fill(pgno, buf);
                 verify::image(head, t.page_size, t.commit, ltx::now_ms(), &mut fill, sink)
             })?;
             Ok((row.max_txid, true))
@@ -129,23 +157,104 @@ impl Store {
         }
         Ok(Txid(txid))
     }
+
+    fn restore_bucketed(
+        &self,
+        r: &Remote,
+        key: &DbKey,
+        target: RestoreTarget,
+    ) -> StoreResult<Txid> {
+        self.sync_db(r, key, Need::Recent)?;
+        let (db_id, h, t) = self.read(|tx| {
+            let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+            let h = head(tx, db_id)?
+                .ok_or_else(|| StoreError::NoTxid("database has no data yet".into()))?;
+            Ok((db_id, h, resolve(tx, db_id, target)?))
+        })?;
+        if t.max_txid == h.max_txid {
+            return Ok(Txid(h.max_txid));
+        }
+        let (row, _) = self.commit_bucketed(r, key, LeaseRule::Ignore, None, |head, sink| {
+            let mut pages = ImageReader::new(head.tx, db_id, &t, head.fetch);
+            let mut fill = |pgno: u32, buf: &mut [u8]| pages.fill(pgno, buf);
+            verify::image(head, t.page_size, t.commit, ltx::now_ms(), &mut fill, sink)
+        })?;
+        self.flush_stash(r);
+        Ok(Txid(row.max_txid))
+    }
 }
 
-/// Fills page buffers with the image at `t` (the lock page reads as zeros).
-fn image_pages<'a>(
+/// Pages at one position, read in order with their bytes fetched in batches (bucket mode: a
+/// few range GETs per batch instead of one per page). The lock page reads as zeros.
+pub(super) struct ImageReader<'a> {
     tx: &'a Connection,
     db_id: i64,
-    t: &'a TxnRow,
+    txn: &'a TxnRow,
     fetch: &'a dyn Fetch,
-) -> impl FnMut(u32, &mut [u8]) -> StoreResult<()> + 'a {
-    let lock = lock_page(t.page_size);
-    move |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
-        if pgno == lock {
-            buf.fill(0);
-            return Ok(());
+    queue: std::collections::VecDeque<(u32, u64, Vec<u8>)>,
+}
+
+/// Page bytes one batch of [`ImageReader`] fetches at most.
+const IMAGE_BATCH_BYTES: usize = 8 << 20;
+
+impl<'a> ImageReader<'a> {
+    pub fn new(tx: &'a Connection, db_id: i64, txn: &'a TxnRow, fetch: &'a dyn Fetch) -> Self {
+        ImageReader {
+            tx,
+            db_id,
+            txn,
+            fetch,
+            queue: Default::default(),
         }
-        let v = page_version(tx, db_id, pgno, t.max_txid)?.ok_or(StoreError::NoPrevPage(pgno))?;
-        buf.copy_from_slice(&fetch.bytes(tx, db_id, &v)?);
+    }
+
+    /// The checksum and bytes of page `pgno` (1..=commit); ask in increasing order for batches
+    /// to help.
+    pub fn page(&mut self, pgno: u32) -> StoreResult<(u64, Vec<u8>)> {
+        while self.queue.front().is_some_and(|(p, ..)| *p < pgno) {
+            self.queue.pop_front();
+        }
+        if self.queue.front().is_none_or(|(p, ..)| *p != pgno) {
+            self.load(pgno)?;
+        }
+        let (_, ck, data) = self.queue.pop_front().expect("loaded");
+        Ok((ck, data))
+    }
+
+    /// Queues pages `from..` (up to a batch), the lock page as zeros.
+    fn load(&mut self, from: u32) -> StoreResult<()> {
+        self.queue.clear();
+        let t = self.txn;
+        let lock = lock_page(t.page_size);
+        let n = (IMAGE_BATCH_BYTES / t.page_size as usize).max(1) as u32;
+        let end = from
+            .saturating_add(n)
+            .min(t.commit.saturating_add(1))
+            .max(from + 1);
+        let mut versions = Vec::new();
+        for pgno in (from..end).filter(|&p| p != lock) {
+            let v = page_version(self.tx, self.db_id, pgno, t.max_txid)?
+                .ok_or(StoreError::NoPrevPage(pgno))?;
+            versions.push(v);
+        }
+        let datas = self.fetch.batch(self.tx, self.db_id, &versions)?;
+        let mut fetched = versions.iter().map(|v| (v.pgno, v.ck)).zip(datas);
+        for pgno in from..end {
+            if pgno == lock {
+                let zeros = vec![0u8; t.page_size as usize];
+                self.queue
+                    .push_back((lock, page_checksum(lock, &zeros), zeros));
+            } else if let Some(((p, ck), d)) = fetched.next() {
+                self.queue.push_back((p, ck, d));
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies page `pgno` into `buf`.
+    pub fn fill(&mut self, pgno: u32, buf: &mut [u8]) -> StoreResult<()> {
+        let (_, data) = self.page(pgno)?;
+        buf.copy_from_slice(&data);
         Ok(())
     }
 }
@@ -167,20 +276,20 @@ fn resolve(tx: &Connection, db_id: i64, target: RestoreTarget) -> StoreResult<Tx
     }
 }
 
-/// Streams the image of `plan` to `out`.
+/// Streams the image of `plan` to `out`, every page re-verified against its checksum.
 fn write_image(
     tx: &Connection,
     plan: &SnapshotPlan,
     format: Format,
     mut out: impl Write,
+    fetch: &dyn Fetch,
 ) -> StoreResult<()> {
     let t = &plan.txn;
     let lock = lock_page(t.page_size);
-    let page = |pgno: u32| -> StoreResult<Vec<u8>> {
-        let v =
-            page_version(tx, plan.db_id, pgno, t.max_txid)?.ok_or(StoreError::NoPrevPage(pgno))?;
-        let data = LocalBytes.bytes(tx, plan.db_id, &v)?;
-        if page_checksum(pgno, &data) != v.ck {
+    let mut pages = ImageReader::new(tx, plan.db_id, t, fetch);
+    let mut page = |pgno: u32| -> StoreResult<Vec<u8>> {
+        let (ck, data) = pages.page(pgno)?;
+        if page_checksum(pgno, &data) != ck {
             return Err(StoreError::Corrupt(format!(
                 "stored page {pgno} fails its checksum"
             )));

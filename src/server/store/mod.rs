@@ -13,14 +13,16 @@
 
 mod apply;
 mod image;
-mod lease;
+pub(crate) mod lease;
+mod publish;
 mod read;
+pub mod remote;
 mod retention;
 mod schema;
 mod verify;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction};
@@ -79,6 +81,18 @@ pub enum StoreError {
     Corrupt(String),
     #[error("data directory {0} is in use by another litevfs serve")]
     Locked(String),
+    #[error("{0}")]
+    Mode(String),
+    /// The object store could not be reached or refused a request; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A commit whose outcome could not be learned before the deadline.
+    #[error("{0}")]
+    CommitUnknown(String),
+    /// The local index no longer matches the bucket (an object it names is gone or changed):
+    /// re-read the manifest and try again.
+    #[error("stale index: {0}")]
+    Stale(String),
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("I/O: {0}")]
@@ -86,6 +100,15 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+impl From<crate::server::bucket::BucketError> for StoreError {
+    fn from(e: crate::server::bucket::BucketError) -> StoreError {
+        match e {
+            crate::server::bucket::BucketError::Io(io) => StoreError::Io(io),
+            e => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
 
 /// One row of `txns`: an accepted transaction and the position it ends at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +143,8 @@ pub struct Store {
     retention: Duration,
     /// Random, created with the store: the seed of cluster ids.
     store_id: String,
+    /// Bucket mode (`--store`): the bucket and this server's view of it.
+    remote: Option<Arc<remote::Remote>>,
     /// `DATA_DIR/LOCK`, flocked for the store's lifetime (released by the kernel on exit).
     _lock: std::fs::File,
 }
@@ -128,6 +153,25 @@ impl Store {
     /// Opens the store in `data_dir`, creating it if needed. Cheap on any store size: it only
     /// applies the schema (idempotent) and empties `tmp/`.
     pub fn open(data_dir: &Path, retention: Duration) -> StoreResult<Store> {
+        Store::open_with(data_dir, retention, None)
+    }
+
+    /// Opens a store whose data lives in a bucket; `data_dir` holds its local index and cache.
+    pub fn open_bucket(
+        data_dir: &Path,
+        bucket: Arc<crate::server::bucket::Bucket>,
+        cfg: remote::RemoteConfig,
+    ) -> StoreResult<Store> {
+        let retention = cfg.retention;
+        let remote = remote::Remote::open(bucket, cfg)?;
+        Store::open_with(data_dir, retention, Some(Arc::new(remote)))
+    }
+
+    fn open_with(
+        data_dir: &Path,
+        retention: Duration,
+        remote: Option<Arc<remote::Remote>>,
+    ) -> StoreResult<Store> {
         std::fs::create_dir_all(data_dir)?;
         let lock = lock_data_dir(data_dir)?;
         let tmp_dir = data_dir.join("tmp");
@@ -136,8 +180,24 @@ impl Store {
         }
         std::fs::create_dir_all(&tmp_dir)?;
         let path = data_dir.join("store.db");
+        let mode = match &remote {
+            Some(r) => format!("bucket {} {}", r.bucket.url(), r.store_id),
+            None => "local".to_string(),
+        };
+        if schema::check_mode(&path, &mode, data_dir)? == schema::ModeCheck::Discard {
+            for ext in ["", "-wal", "-shm"] {
+                let f = data_dir.join(format!("store.db{ext}"));
+                if f.exists() {
+                    std::fs::remove_file(f)?;
+                }
+            }
+        }
         let writer = schema::open_writer(&path)?;
-        let store_id = store_id(&writer)?;
+        schema::set_mode(&writer, &mode)?;
+        let store_id = match &remote {
+            Some(r) => r.store_id.clone(),
+            None => store_id(&writer)?,
+        };
         Ok(Store {
             path,
             tmp_dir,
@@ -147,6 +207,7 @@ impl Store {
             leases: Leases::default(),
             retention,
             store_id,
+            remote,
             _lock: lock,
         })
     }
@@ -161,8 +222,56 @@ impl Store {
         self.changes.subscribe()
     }
 
-    pub fn leases(&self) -> &Leases {
-        &self.leases
+    /// Acquires a new write lease on `key`.
+    pub fn acquire_lease(&self, key: &DbKey, d: Duration) -> StoreResult<crate::wire::Lease> {
+        match self.remote() {
+            Some(r) => r.leases.acquire(key, d),
+            None => self.leases.acquire(key, d),
+        }
+    }
+
+    /// Extends the live lease `id` of `key`.
+    pub fn refresh_lease(
+        &self,
+        key: &DbKey,
+        id: &str,
+        d: Duration,
+    ) -> StoreResult<crate::wire::Lease> {
+        match self.remote() {
+            Some(r) => r.leases.refresh(key, id, d),
+            None => self.leases.refresh(key, id, d),
+        }
+    }
+
+    /// Releases the live lease `id` of `key`.
+    pub fn release_lease(&self, key: &DbKey, id: &str) -> StoreResult<()> {
+        match self.remote() {
+            Some(r) => r.leases.release(key, id),
+            None => self.leases.release(key, id),
+        }
+    }
+
+    /// Request counters of the bucket (bucket mode).
+    pub fn bucket_metrics(&self) -> Option<&crate::server::bucket::BucketMetrics> {
+        self.remote().map(|r| &r.bucket.metrics)
+    }
+
+    /// Bucket mode: the databases the poller keeps current.
+    pub fn active_databases(&self) -> Vec<DbKey> {
+        self.remote().map_or_else(Vec::new, |r| r.active())
+    }
+
+    /// Bucket mode: counts `keys` as long-polled until the guard drops.
+    pub fn watch(&self, keys: Vec<DbKey>) -> Option<remote::WatchGuard> {
+        self.remote().map(|r| r.watch(keys))
+    }
+
+    /// Bucket mode: learns of commits made through other servers (the poller's step).
+    pub fn poll(&self, key: &DbKey) -> StoreResult<()> {
+        match self.remote() {
+            Some(r) => self.sync_db(r, key, remote::Need::Poll),
+            None => Ok(()),
+        }
     }
 
     fn notify(&self) {
@@ -200,6 +309,29 @@ impl Store {
 
     /// Positions of every database in `cluster` (zero for databases without data).
     pub fn positions(&self, cluster: &str) -> StoreResult<Vec<(String, Pos)>> {
+        if let Some(r) = self.remote() {
+            // A LIST: `/pos` is not on the hot path of readers or writers.
+            let mut names = r
+                .bucket
+                .list_names(&crate::server::bucket::layout::cluster(cluster))?;
+            names.extend(self.read(|tx| {
+                let mut stmt = tx.prepare("SELECT name FROM dbs WHERE cluster = ?1")?;
+                let rows = stmt.query_map([cluster], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })?);
+            names.sort();
+            names.dedup();
+            for name in names {
+                if crate::wire::validate_db_name(&name).is_err() {
+                    continue;
+                }
+                let key = DbKey {
+                    cluster: cluster.to_string(),
+                    name,
+                };
+                self.sync_db(r, &key, remote::Need::Recent)?;
+            }
+        }
         self.read(|tx| {
             let mut stmt = tx.prepare_cached(
                 "SELECT d.name, t.max_txid, t.post_apply FROM dbs d
@@ -222,6 +354,9 @@ impl Store {
 
     /// Deletes a database, its history and its lease.
     pub fn delete_db(&self, key: &DbKey) -> StoreResult<()> {
+        if let Some(r) = self.remote() {
+            return self.delete_bucketed(r, key);
+        }
         self.write(|tx| {
             let id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
             tx.execute("DELETE FROM pages WHERE db_id = ?1", [id])?;
@@ -236,6 +371,13 @@ impl Store {
 
     /// Creates the database row (zero position) if it does not exist yet.
     pub fn ensure_db(&self, key: &DbKey) -> StoreResult<()> {
+        if let Some(r) = self.remote() {
+            let st = r.db(key);
+            let _g = st.lock.lock();
+            self.ensure_manifest(r, key, &st)?;
+            self.notify();
+            return Ok(());
+        }
         let created = self.write(|tx| match find_db(tx, key)? {
             Some(_) => Ok(false),
             None => Ok(insert_db(tx, key).map(|_| true)?),
@@ -396,12 +538,19 @@ pub struct Version {
     pub txid: u64,
     pub ck: u64,
     pub bytes: Bytes,
+    /// The bytes came from the page cache (bucket mode).
+    pub cached: bool,
 }
 
 /// Reads the bytes of page versions that are not in `store.db`.
 pub(crate) trait Fetch {
     /// The bytes of `v`, verified against its checksum.
     fn bytes(&self, tx: &Connection, db_id: i64, v: &Version) -> StoreResult<Vec<u8>>;
+
+    /// The bytes of many versions, in order (implementations may read them together).
+    fn batch(&self, tx: &Connection, db_id: i64, vs: &[Version]) -> StoreResult<Vec<Vec<u8>>> {
+        vs.iter().map(|v| self.bytes(tx, db_id, v)).collect()
+    }
 }
 
 /// Local mode: every version's bytes are in `store.db`.
@@ -419,38 +568,74 @@ impl Fetch for LocalBytes {
     }
 }
 
-/// The newest version of `pgno` at or before `txid`.
+/// The newest version of `pgno` at or before `txid`: a row of `pages`, else (bucket mode) the
+/// base image. Bytes come from the row, else the page cache, else they are remote.
 fn page_version(
     tx: &Connection,
     db_id: i64,
     pgno: u32,
     txid: u64,
 ) -> rusqlite::Result<Option<Version>> {
-    tx.prepare_cached(
-        "SELECT txid, chksum, data FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
-         ORDER BY txid DESC LIMIT 1",
-    )?
-    .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
-        Ok(Version {
-            pgno,
-            txid: r.get::<_, i64>(0)? as u64,
-            ck: r.get::<_, i64>(1)? as u64,
-            bytes: Bytes::Here(r.get(2)?),
+    let row = tx
+        .prepare_cached(
+            "SELECT p.txid, p.chksum, p.data, p.obj, p.slot, c.data FROM pages p
+               LEFT JOIN page_cache c ON c.db_id = p.db_id AND c.pgno = p.pgno AND c.txid = p.txid
+             WHERE p.db_id = ?1 AND p.pgno = ?2 AND p.txid <= ?3
+             ORDER BY p.txid DESC LIMIT 1",
+        )?
+        .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
+            let data: Option<Vec<u8>> = r.get(2)?;
+            let obj: Option<i64> = r.get(3)?;
+            let slot: Option<i64> = r.get(4)?;
+            let cached: Option<Vec<u8>> = r.get(5)?;
+            let (bytes, from_cache) = match (data, cached, obj, slot) {
+                (Some(d), _, _, _) => (Bytes::Here(d), false),
+                (None, Some(c), _, _) => (Bytes::Here(c), true),
+                (None, None, Some(obj), Some(slot)) => (
+                    Bytes::Remote(Loc {
+                        obj,
+                        slot: slot as u64,
+                    }),
+                    false,
+                ),
+                _ => {
+                    return Err(rusqlite::Error::InvalidColumnType(
+                        2,
+                        "data".into(),
+                        rusqlite::types::Type::Null,
+                    ));
+                }
+            };
+            Ok(Version {
+                pgno,
+                txid: r.get::<_, i64>(0)? as u64,
+                ck: r.get::<_, i64>(1)? as u64,
+                bytes,
+                cached: from_cache,
+            })
         })
-    })
-    .optional()
+        .optional()?;
+    match row {
+        Some(v) => Ok(Some(v)),
+        None => remote::base_version(tx, db_id, pgno, txid),
+    }
 }
 
 /// The checksum of the newest version of `pgno` at or before `txid`.
 fn page_ck(tx: &Connection, db_id: i64, pgno: u32, txid: u64) -> rusqlite::Result<Option<u64>> {
-    tx.prepare_cached(
-        "SELECT chksum FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
-         ORDER BY txid DESC LIMIT 1",
-    )?
-    .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
-        Ok(r.get::<_, i64>(0)? as u64)
-    })
-    .optional()
+    let row = tx
+        .prepare_cached(
+            "SELECT chksum FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
+             ORDER BY txid DESC LIMIT 1",
+        )?
+        .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
+            Ok(r.get::<_, i64>(0)? as u64)
+        })
+        .optional()?;
+    match row {
+        Some(ck) => Ok(Some(ck)),
+        None => remote::base_page_ck(tx, db_id, pgno, txid),
+    }
 }
 
 /// Stores the page versions of one transaction as rows of `pages` (local mode).

@@ -6,6 +6,7 @@
 
 use rusqlite::Connection;
 
+use super::remote::{Need, RemoteBytes};
 use super::{
     Bytes, DbKey, Fetch, LocalBytes, Store, StoreError, StoreResult, TxnRow, Version, find_db,
     head, page_version, txn_at,
@@ -41,39 +42,29 @@ impl Store {
     /// past that position's commit size are left out, except that the first one requested
     /// yields `ENOPAGE`. The lock page reads as zeros.
     pub fn pages_at(&self, key: &DbKey, pos: Option<Pos>, pgnos: &[u32]) -> StoreResult<PagesAt> {
-        self.read(|tx| {
-            let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
-            let txn = match pos {
-                Some(pos) => servable(tx, db_id, pos)?,
-                None => head(tx, db_id)?.ok_or_else(|| {
-                    StoreError::NoTxid(format!("database {:?} has no data yet", key.name))
-                })?,
-            };
-            let mut pages = Vec::with_capacity(pgnos.len());
-            let mut checksums = Vec::with_capacity(pgnos.len());
-            let most = (MAX_PAGE_REPLY_BYTES / txn.page_size as usize).max(1);
-            // Past the byte cap, the rest are prefetch hints a reply may leave out (spec 2.4).
-            for (i, &pgno) in pgnos.iter().enumerate().take(most) {
-                match read_page(tx, db_id, &txn, pgno)? {
-                    Some(v) => {
-                        pages.push((pgno, LocalBytes.bytes(tx, db_id, &v)?));
-                        checksums.push((pgno, v.ck));
-                    }
-                    None if i == 0 => return Err(StoreError::NoPage(pgno)),
-                    None => {}
-                }
+        let Some(r) = self.remote() else {
+            return self.read(|tx| pages_in(tx, key, pos, pgnos, &LocalBytes, false));
+        };
+        let need = pos.map_or(Need::Recent, |p| Need::Txid(p.txid.0));
+        self.sync_db(r, key, need)?;
+        let fetch = RemoteBytes { remote: r };
+        let got = match self.read(|tx| pages_in(tx, key, pos, pgnos, &fetch, true)) {
+            Err(StoreError::Stale(why)) => {
+                tracing::debug!(db = %key.name, %why, "re-reading the bucket");
+                self.sync_db(r, key, Need::Full)?;
+                self.read(|tx| pages_in(tx, key, pos, pgnos, &fetch, true))
             }
-            Ok(PagesAt {
-                pos: txn.pos(),
-                page_size: txn.page_size,
-                pages,
-                checksums,
-            })
-        })
+            other => other,
+        };
+        self.flush_stash(r);
+        got
     }
 
     /// What changed in `key` after `client`; `None` if the database does not exist.
     pub fn changes(&self, key: &DbKey, client: Pos) -> StoreResult<Option<Changes>> {
+        if let Some(r) = self.remote() {
+            self.sync_db(r, key, Need::Recent)?;
+        }
         self.read(|tx| match find_db(tx, key)? {
             Some(id) => changes_in(tx, id, client).map(Some),
             None => Ok(None),
@@ -86,6 +77,15 @@ impl Store {
         cluster: &str,
         positions: &[(String, Pos)],
     ) -> StoreResult<Vec<(String, Changes)>> {
+        if let Some(r) = self.remote() {
+            for (name, _) in positions {
+                let key = DbKey {
+                    cluster: cluster.to_string(),
+                    name: name.clone(),
+                };
+                self.sync_db(r, &key, Need::Recent)?;
+            }
+        }
         self.read(|tx| {
             let mut out = Vec::new();
             for (name, pos) in positions {
@@ -100,6 +100,67 @@ impl Store {
             Ok(out)
         })
     }
+}
+
+/// Prefetch hints within this many slots of the first requested page share its range GET.
+const HINT_WINDOW_SLOTS: u64 = 256;
+
+/// The pages of one `/db/page` request. `thrifty` (bucket mode): a hint whose bytes are only in
+/// the bucket is served when it shares the first page's object and lies near it (one range GET
+/// for all); other such hints are left out, so a request costs at most one GET.
+fn pages_in(
+    tx: &Connection,
+    key: &DbKey,
+    pos: Option<Pos>,
+    pgnos: &[u32],
+    fetch: &dyn Fetch,
+    thrifty: bool,
+) -> StoreResult<PagesAt> {
+    let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+    let txn = match pos {
+        Some(pos) => servable(tx, db_id, pos)?,
+        None => head(tx, db_id)?.ok_or_else(|| {
+            StoreError::NoTxid(format!("database {:?} has no data yet", key.name))
+        })?,
+    };
+    let most = (MAX_PAGE_REPLY_BYTES / txn.page_size as usize).max(1);
+    // Past the byte cap, the rest are prefetch hints a reply may leave out (spec 2.4).
+    let mut versions: Vec<Version> = Vec::with_capacity(pgnos.len().min(most));
+    for (i, &pgno) in pgnos.iter().enumerate().take(most) {
+        match read_page(tx, db_id, &txn, pgno)? {
+            Some(v) => versions.push(v),
+            None if i == 0 => return Err(StoreError::NoPage(pgno)),
+            None => {}
+        }
+    }
+    if thrifty {
+        let anchor = match versions.first().map(|v| &v.bytes) {
+            Some(Bytes::Remote(l)) => Some(*l),
+            _ => None,
+        };
+        let mut first = true;
+        versions.retain(|v| {
+            let keep = first
+                || match (&v.bytes, anchor) {
+                    (Bytes::Here(_), _) => true,
+                    (Bytes::Remote(l), Some(a)) => {
+                        l.obj == a.obj && l.slot.abs_diff(a.slot) <= HINT_WINDOW_SLOTS
+                    }
+                    (Bytes::Remote(_), None) => false,
+                };
+            first = false;
+            keep
+        });
+    }
+    let datas = fetch.batch(tx, db_id, &versions)?;
+    let checksums = versions.iter().map(|v| (v.pgno, v.ck)).collect();
+    let pages = versions.iter().map(|v| v.pgno).zip(datas).collect();
+    Ok(PagesAt {
+        pos: txn.pos(),
+        page_size: txn.page_size,
+        pages,
+        checksums,
+    })
 }
 
 /// The transaction at `pos` if it is still retained and its checksum matches; otherwise
@@ -127,6 +188,7 @@ fn read_page(tx: &Connection, db_id: i64, txn: &TxnRow, pgno: u32) -> StoreResul
             txid: txn.max_txid,
             ck: page_checksum(pgno, &zeros),
             bytes: Bytes::Here(zeros),
+            cached: false,
         }));
     }
     match page_version(tx, db_id, pgno, txn.max_txid)? {

@@ -8,16 +8,26 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 /// Tables:
 /// - `dbs`: one row per database (cluster, name). A row with no `txns` is a database at the
 ///   zero position (created by a lease). `compacted_txid` is the K of the last compaction
-///   ([`super::retention`]).
+///   ([`super::retention`]). `generation` (bucket mode) is the generation of the database in the
+///   bucket that the rows describe.
 /// - `txns`: one row per accepted transaction (LTX file), keyed by its max TXID. The database's
 ///   position is its row with the highest `max_txid`. Checksums are u64 stored as i64 bits.
 /// - `pages`: page versions. A version written by the transaction ending at `txid`; the page at
-///   position T is the version with the largest `txid <= T`.
+///   position T is the version with the largest `txid <= T`. Local mode keeps the bytes in `data`;
+///   bucket mode leaves `data` NULL and names the object (`obj`) and slot that hold them.
+///
+/// Bucket mode only (the local index and cache of the bucket; deleting them loses nothing):
+/// - `objects`: the bucket objects that rows point into (key relative to the generation).
+/// - `bases`: per database, the image the page versions apply on: a page with no version in
+///   `pages` at or below T is read from the base (whose TXID is at or below every servable T).
+///   `base_cks` holds its page checksums, 4096 to a chunk, in slot order.
+/// - `page_cache`: bytes of page versions fetched from the bucket, evicted least recently used
+///   first (`atime`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dbs(
@@ -26,6 +36,7 @@ CREATE TABLE IF NOT EXISTS dbs(
     name TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     compacted_txid INTEGER NOT NULL DEFAULT 0,
+    generation TEXT,
     UNIQUE(cluster, name)
 );
 CREATE TABLE IF NOT EXISTS txns(
@@ -45,11 +56,53 @@ CREATE TABLE IF NOT EXISTS pages(
     pgno INTEGER NOT NULL,
     txid INTEGER NOT NULL,
     chksum INTEGER NOT NULL,
-    data BLOB NOT NULL
+    data BLOB,
+    obj INTEGER,
+    slot INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS pages_version ON pages(db_id, pgno, txid);
 CREATE INDEX IF NOT EXISTS pages_by_txid ON pages(db_id, txid);
+CREATE TABLE IF NOT EXISTS objects(
+    id INTEGER PRIMARY KEY,
+    db_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    page_size INTEGER NOT NULL,
+    data_offset INTEGER NOT NULL,
+    min_txid INTEGER NOT NULL,
+    max_txid INTEGER NOT NULL,
+    UNIQUE(db_id, key)
+);
+CREATE TABLE IF NOT EXISTS bases(
+    db_id INTEGER PRIMARY KEY,
+    obj INTEGER NOT NULL,
+    txid INTEGER NOT NULL,
+    commit_size INTEGER NOT NULL,
+    page_size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS base_cks(
+    obj INTEGER NOT NULL,
+    chunk INTEGER NOT NULL,
+    cks BLOB NOT NULL,
+    PRIMARY KEY(obj, chunk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS page_cache(
+    db_id INTEGER NOT NULL,
+    pgno INTEGER NOT NULL,
+    txid INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    atime INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS page_cache_key ON page_cache(db_id, pgno, txid);
+CREATE INDEX IF NOT EXISTS page_cache_atime ON page_cache(atime);
 ";
+
+/// Columns added after the first release, for stores created before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("dbs", "generation", "TEXT"),
+    ("pages", "obj", "INTEGER"),
+    ("pages", "slot", "INTEGER"),
+];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size the write-ahead log is truncated to when it restarts after a checkpoint.
@@ -69,7 +122,19 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     // autocheckpoint size, so steady writing does not truncate and regrow it every cycle).
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Takes effect only on a new file: lets the bucket cache give evicted space back.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     conn.execute_batch(SCHEMA)?;
+    for (table, column, ty) in ADDED_COLUMNS {
+        let has: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+        }
+    }
     Ok(conn)
 }
 
@@ -79,4 +144,77 @@ pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
+}
+
+/// What to do with an existing `store.db` before opening it in a mode.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ModeCheck {
+    Keep,
+    /// A cache of another bucket (or an empty local store): delete it and start afresh.
+    Discard,
+}
+
+/// Checks that `store.db` at `path` may be opened as `mode` (`local`, or `bucket URL STORE_ID`):
+/// a local store holding databases is never treated as a cache (that would lose them), and a
+/// bucket's cache is never taken for a local store (it is incomplete).
+pub fn check_mode(
+    path: &Path,
+    mode: &str,
+    data_dir: &Path,
+) -> Result<ModeCheck, super::StoreError> {
+    use super::StoreError;
+    if !path.exists() {
+        return Ok(ModeCheck::Keep);
+    }
+    let conn = open_reader(path)?;
+    let has = |table: &str| -> rusqlite::Result<bool> {
+        conn.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")?
+            .exists([table])
+    };
+    let stored: Option<String> = if has("meta")? {
+        conn.query_row("SELECT value FROM meta WHERE key = 'mode'", [], |r| {
+            r.get(0)
+        })
+        .optional()?
+    } else {
+        None
+    };
+    let stored = stored.unwrap_or_else(|| "local".into());
+    if stored == mode {
+        return Ok(ModeCheck::Keep);
+    }
+    let dir = data_dir.display();
+    match (stored.starts_with("bucket "), mode.starts_with("bucket ")) {
+        (true, false) => Err(StoreError::Mode(format!(
+            "{dir} holds the cache of the object store {}, not a local store: start with --store \
+             {0}, or use another --data-dir",
+            stored.split(' ').nth(1).unwrap_or("?")
+        ))),
+        (false, true) => {
+            let dbs: i64 = if has("dbs")? {
+                conn.query_row("SELECT COUNT(*) FROM dbs", [], |r| r.get(0))?
+            } else {
+                0
+            };
+            if dbs > 0 {
+                return Err(StoreError::Mode(format!(
+                    "{dir} holds a local store with {dbs} database(s); with --store it would be \
+                     only a cache: use another --data-dir (export the databases and import them \
+                     into the object store to move them)"
+                )));
+            }
+            Ok(ModeCheck::Discard)
+        }
+        _ => Ok(ModeCheck::Discard),
+    }
+}
+
+/// Records the mode `store.db` is used in.
+pub fn set_mode(conn: &Connection, mode: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('mode', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [mode],
+    )?;
+    Ok(())
 }
