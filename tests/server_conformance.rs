@@ -1,6 +1,7 @@
 //! Conformance of `litevfs serve` with the page-store API (spec sections 1-3, 9): the real
 //! binary on loopback, real HTTP. History, sync, leases and images are in sibling files.
 
+#[macro_use]
 mod server_support;
 
 use litevfs::ltx::{self, EMPTY_CHECKSUM, FLAG_LZ4};
@@ -42,7 +43,6 @@ fn vectors_abc() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     (a, b, c)
 }
 
-#[test]
 fn pos_lists_databases_with_exact_json() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -67,7 +67,6 @@ fn pos_lists_databases_with_exact_json() {
     );
 }
 
-#[test]
 fn lz4_and_lfsb_vectors_are_accepted() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -116,7 +115,6 @@ fn lz4_and_lfsb_vectors_are_accepted() {
     assert_eq!(api.pos("five"), Some(Pos::new(9, post)));
 }
 
-#[test]
 fn fake_snapshot_checksum_is_rejected() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -132,7 +130,6 @@ fn fake_snapshot_checksum_is_rejected() {
     assert_eq!(api.pos("x"), None, "a refused first upload creates nothing");
 }
 
-#[test]
 fn contiguity_rules_and_pos_mismatch_body() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -165,7 +162,6 @@ fn contiguity_rules_and_pos_mismatch_body() {
     assert_eq!(api.pos("a"), Some(Pos::new(1, 0xe4e4aaa102377eee)));
 }
 
-#[test]
 fn bad_ltx_changes_nothing() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -220,7 +216,6 @@ fn bad_ltx_changes_nothing() {
 /// A database may legally reach TXID 7fffffffffffffff (the largest a SQLite integer holds).
 /// Upload and restore append at head+1: that must be refused, not stored as a negative TXID
 /// that leaves the store claiming one head and serving another.
-#[test]
 fn txid_space_exhausted_is_refused_by_upload_and_restore() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -250,7 +245,6 @@ fn txid_space_exhausted_is_refused_by_upload_and_restore() {
     assert_eq!(hwm["top"], t);
 }
 
-#[test]
 fn shrink_and_delete() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -301,7 +295,6 @@ fn shrink_and_delete() {
     assert_eq!(api.snapshot("v").header.page_size, 1024);
 }
 
-#[test]
 fn pages_at_positions_json_and_frames() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -404,7 +397,6 @@ fn pages_at_positions_json_and_frames() {
         .err(404, "ENODB");
 }
 
-#[test]
 fn page_replies_are_capped_in_bytes_first_page_always_sent() {
     // 300 pages of 64 KiB: asking for all of them gets the first 256 (16 MiB); the rest are
     // prefetch hints a reply may leave out.
@@ -430,7 +422,6 @@ fn page_replies_are_capped_in_bytes_first_page_always_sent() {
     assert!(frames.iter().all(|f| f.data == page(65536, f.pgno as u8)));
 }
 
-#[test]
 fn bad_names_and_clusters() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -466,7 +457,6 @@ fn bad_names_and_clusters() {
     );
 }
 
-#[test]
 fn every_error_is_json() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -499,7 +489,6 @@ fn every_error_is_json() {
     assert!(!api.get("/nope", &[]).text().contains("null"));
 }
 
-#[test]
 fn oversized_bodies_get_413() {
     let s = Server::start(&["--max-body-size", "64KiB"]);
     let api = s.api();
@@ -515,7 +504,6 @@ fn oversized_bodies_get_413() {
     assert_eq!(api.pos("big"), Some(m.pos));
 }
 
-#[test]
 fn info_healthz_metrics() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -560,7 +548,6 @@ fn info_healthz_metrics() {
 
 /// Request methods are client-chosen (`FOO1`, `FOO2`, ...): counting each under its own label
 /// would let anyone, without a token, grow the metrics table and `/metrics` without bound.
-#[test]
 fn metrics_labels_stay_bounded_whatever_the_method() {
     let s = Server::start(&["--token", "t=c:rw"]);
     let anon = s.api();
@@ -585,7 +572,6 @@ fn metrics_labels_stay_bounded_whatever_the_method() {
 
 /// `GET /info` is a read: a read-only token (here one for every cluster) must not be able to
 /// grow the store by asking for the ids of made-up clusters. Ids stay stable across restarts.
-#[test]
 fn info_writes_nothing_and_ids_are_stable() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -628,7 +614,6 @@ fn info_writes_nothing_and_ids_are_stable() {
 /// A refused request with a large body still gets its error reply: the server reads the unread
 /// body (bounded) before answering, instead of closing with data unread, which resets the
 /// connection under a client that is still sending.
-#[test]
 fn refused_uploads_get_their_error_not_a_reset() {
     let s = Server::start(&["--token", "rw=default:rw", "--token", "ro=default:ro"]);
     let big = vec![7u8; 4 << 20];
@@ -643,7 +628,6 @@ fn refused_uploads_get_their_error_not_a_reset() {
     assert!(s.api_with("rw").positions().is_empty());
 }
 
-#[test]
 fn auth_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tokens");
@@ -753,7 +737,6 @@ fn refuses_anonymous_non_loopback_and_bad_flags() {
     }
 }
 
-#[test]
 fn sigterm_shuts_down_gracefully() {
     let s = Server::start(&[]);
     let api = s.api();
@@ -809,3 +792,26 @@ fn configuration_from_the_environment() {
         .post("/db/upload", &[("db", "b")], big)
         .err(413, "ETOOLARGE");
 }
+
+// Every test above that is not a `#[test]` itself runs once per backend: local store.db,
+// `--store file://`, `--store s3://` on moto. Flag parsing and the environment are tested once.
+on_every_backend!(
+    pos_lists_databases_with_exact_json,
+    lz4_and_lfsb_vectors_are_accepted,
+    fake_snapshot_checksum_is_rejected,
+    contiguity_rules_and_pos_mismatch_body,
+    bad_ltx_changes_nothing,
+    txid_space_exhausted_is_refused_by_upload_and_restore,
+    shrink_and_delete,
+    pages_at_positions_json_and_frames,
+    page_replies_are_capped_in_bytes_first_page_always_sent,
+    bad_names_and_clusters,
+    every_error_is_json,
+    oversized_bodies_get_413,
+    info_healthz_metrics,
+    metrics_labels_stay_bounded_whatever_the_method,
+    info_writes_nothing_and_ids_are_stable,
+    refused_uploads_get_their_error_not_a_reset,
+    auth_tokens,
+    sigterm_shuts_down_gracefully,
+);

@@ -4,6 +4,7 @@
 //! every snapshot verifies. A short retention keeps compaction running during the commits, so
 //! kills also land in the middle of compaction passes.
 
+#[macro_use]
 mod server_support;
 
 use std::collections::BTreeMap;
@@ -75,7 +76,6 @@ fn model_from_server(api: &Api, db: &str) -> Model {
     }
 }
 
-#[test]
 fn kill_9_never_loses_an_acknowledged_commit() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -125,3 +125,7 @@ fn kill_9_never_loses_an_acknowledged_commit() {
         );
     }
 }
+
+// Every test above that is not a `#[test]` itself runs once per backend: local store.db,
+// `--store file://`, `--store s3://` on moto.
+on_every_backend!(kill_9_never_loses_an_acknowledged_commit,);

@@ -3,6 +3,7 @@
 //! model of every position: pages at old positions, snapshots at old positions, and change sets
 //! from old positions.
 
+#[macro_use]
 mod server_support;
 
 use std::collections::BTreeMap;
@@ -161,12 +162,10 @@ fn check_changes(api: &Api, old: &Model, now: &Model, compacting: bool) {
     }
 }
 
-#[test]
 fn history_matches_the_model() {
     run(&[], 0x9e37_79b9_7f4a_7c15);
 }
 
-#[test]
 fn compaction_never_serves_wrong_data() {
     run(&["--retention", "200ms"], 0x1234_5678_9abc_def1);
 }
@@ -234,3 +233,10 @@ fn run(args: &[&str], seed: u64) {
         "restores, uploads, shrinks, deletions: {seen:?}"
     );
 }
+
+// Every test above that is not a `#[test]` itself runs once per backend: local store.db,
+// `--store file://`, `--store s3://` on moto.
+on_every_backend!(
+    history_matches_the_model,
+    compaction_never_serves_wrong_data,
+);

@@ -14,6 +14,175 @@ use litevfs::wire::{ErrorBody, Pos};
 use reqwest::Method;
 use reqwest::blocking::{Client, RequestBuilder};
 
+/// Where a test server keeps its databases. The conformance suites run once per backend.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `DATA_DIR/store.db` (no `--store`).
+    Local,
+    /// `--store file://DIR`.
+    File,
+    /// `--store s3://BUCKET` on a moto server on loopback.
+    S3,
+}
+
+thread_local! {
+    static BACKEND: std::cell::Cell<Backend> = const { std::cell::Cell::new(Backend::Local) };
+}
+
+/// The backend of the test running on this thread.
+pub fn backend() -> Backend {
+    BACKEND.with(|b| b.get())
+}
+
+/// Runs `test` with servers on `b`.
+pub fn with_backend(b: Backend, test: fn()) {
+    BACKEND.with(|c| c.set(b));
+    test()
+}
+
+/// Defines, for each listed test function (a plain `fn name()` in the enclosing file), one
+/// `#[test]` per backend: `local::name`, `file::name`, `s3::name`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::Local, super::$name) } )*
+        }
+        mod file {
+            $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::File, super::$name) } )*
+        }
+        mod s3 {
+            $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::S3, super::$name) } )*
+        }
+    };
+}
+
+/// The moto S3 server of this test process (started on first use, on a free loopback port,
+/// and killed with the process).
+pub struct Moto {
+    pub endpoint: String,
+    _child: Child,
+}
+
+static MOTO: std::sync::OnceLock<Moto> = std::sync::OnceLock::new();
+
+/// The moto server (`moto_server` from the project's `.venv`, or `LITEVFS_MOTO_SERVER`).
+pub fn moto() -> &'static Moto {
+    MOTO.get_or_init(|| {
+        // The kernel kills moto when the thread that started it ends (PR_SET_PDEATHSIG follows
+        // the thread, not the process): start it from a thread that lives as long as the
+        // process, so it dies with the test binary and not before.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = std::panic::catch_unwind(start_moto);
+            let keep = started.as_ref().ok().map(|(_, c)| c.id());
+            let _ = tx.send(started);
+            if keep.is_some() {
+                loop {
+                    std::thread::park();
+                }
+            }
+        });
+        let (endpoint, child) = match rx.recv().expect("moto starter") {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e),
+        };
+        Moto {
+            endpoint,
+            _child: child,
+        }
+    })
+}
+
+fn start_moto() -> (String, Child) {
+    let bin = std::env::var_os("LITEVFS_MOTO_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server"));
+    assert!(
+        bin.exists(),
+        "{} not found: the S3 tests need moto's server; run `cargo xtask test`, which \
+         installs it into .venv (or set LITEVFS_MOTO_SERVER)",
+        bin.display()
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.args(["-H", "127.0.0.1", "-p", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl only asks the kernel to signal the child when its parent thread ends; it
+    // touches no memory of ours and is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start moto_server");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let endpoint = loop {
+        line.clear();
+        if err.read_line(&mut line).expect("moto output") == 0 {
+            panic!("moto_server exited before listening");
+        }
+        if let Some(at) = line.find("Running on http://") {
+            break line[at + "Running on ".len()..].trim().to_string();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while err.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    (endpoint, child)
+}
+
+/// A bucket name derived from a data directory, so that a restart finds the same bucket.
+fn bucket_for(dir: &Path) -> String {
+    let h = litevfs::ltx::CRC64.checksum(dir.to_string_lossy().as_bytes());
+    format!("t{h:016x}")
+}
+
+/// The `--store` arguments (and environment) for a server of the current backend whose data
+/// lives with `dir`; none for the local backend.
+pub fn store_args(dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
+    match backend() {
+        Backend::Local => (Vec::new(), Vec::new()),
+        Backend::File => (
+            vec![
+                "--store".into(),
+                format!("file://{}", dir.with_extension("bucket").display()),
+            ],
+            Vec::new(),
+        ),
+        Backend::S3 => {
+            let m = moto();
+            let bucket = bucket_for(dir);
+            let r = Client::new()
+                .put(format!("{}/{bucket}", m.endpoint))
+                .send()
+                .expect("create the bucket on moto");
+            assert!(r.status().is_success(), "create bucket: {}", r.status());
+            (
+                vec![
+                    "--store".into(),
+                    format!("s3://{bucket}/litevfs"),
+                    "--aws-endpoint-url".into(),
+                    m.endpoint.clone(),
+                    "--s3-path-style".into(),
+                ],
+                vec![
+                    ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+                    ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+                    ("AWS_REGION".into(), "us-east-1".into()),
+                ],
+            )
+        }
+    }
+}
+
 /// A running `litevfs serve`, killed on drop.
 pub struct Server {
     child: Child,
@@ -32,13 +201,23 @@ impl Server {
         s
     }
 
-    /// Starts a server on `dir` (kept after the server stops).
+    /// Starts a server on `dir` (kept after the server stops); with a bucket backend, on the
+    /// bucket that belongs to `dir`, so a restart on `dir` finds its data.
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_bucket_of(dir, dir, extra)
+    }
+
+    /// Starts a server with data directory `dir` on the bucket that belongs to `bucket_dir`
+    /// (several servers on one bucket each have their own data directory).
+    pub fn start_with_bucket_of(dir: &Path, bucket_dir: &Path, extra: &[&str]) -> Server {
+        let (store, env) = store_args(bucket_dir);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_litevfs"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0"])
+            .args(&store)
+            .envs(env)
             .args(extra);
         Server::spawn(cmd, dir)
     }

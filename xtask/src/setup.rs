@@ -183,7 +183,8 @@ pub fn build_release() -> Result<Artifacts, Error> {
     Ok(a)
 }
 
-/// Creates `.venv` with the Python packages the end-to-end tests use; returns its python.
+/// Creates `.venv` with the Python packages the tests use (apsw and pytest for the end-to-end
+/// tests, moto's S3 server for the object-storage tests); returns its python.
 pub fn ensure_venv() -> Result<PathBuf, Error> {
     let venv = root().join(".venv");
     let py = venv.join("bin/python");
@@ -194,13 +195,14 @@ pub fn ensure_venv() -> Result<PathBuf, Error> {
             "python3 -m venv",
         )?;
     }
+    // moto's server is the S3 API the object-storage tests run against (on loopback).
     let have = Command::new(&py)
-        .args(["-c", "import apsw, pytest"])
+        .args(["-c", "import apsw, pytest, moto.server, flask"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !have {
-        println!("==> installing apsw and pytest into .venv");
+        println!("==> installing apsw, pytest and moto[server] into .venv");
         run_checked(
             Command::new(&py).args([
                 "-m",
@@ -210,8 +212,9 @@ pub fn ensure_venv() -> Result<PathBuf, Error> {
                 "--disable-pip-version-check",
                 "apsw",
                 "pytest",
+                "moto[server]",
             ]),
-            "pip install apsw pytest",
+            "pip install apsw pytest moto[server]",
         )?;
     }
     Ok(py)

@@ -17,6 +17,8 @@ pub fn run(args: &[String]) -> Result<(), Error> {
     let root = setup::root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
 
+    // The Rust suites start moto's S3 server from .venv, so the venv comes first.
+    let py = setup::ensure_venv()?;
     println!("==> Rust tests: cargo test --release --workspace");
     run_checked(
         Command::new(&cargo)
@@ -25,7 +27,6 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         "cargo test",
     )?;
 
-    let py = setup::ensure_venv()?;
     println!("==> end-to-end tests and examples: pytest tests/e2e");
     run_checked(
         Command::new(&py)
