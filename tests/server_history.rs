@@ -499,7 +499,6 @@ fn metric(api: &Api, name: &str) -> u64 {
         .unwrap()
 }
 
-#[test]
 fn retention_compacts_history() {
     let s = Server::start(&["--retention", "1s"]);
     let api = s.api();
@@ -760,6 +759,7 @@ fn write_ahead_log_shrinks_after_a_large_upload() {
 // Every test above that is not a `#[test]` itself runs once per backend: local store.db,
 // `--store file://`, `--store s3://` on moto. Timeouts of the HTTP layer and the size of store.db's log are tested on the local store only.
 on_every_backend!(
+    retention_compacts_history,
     sync_reports_changes,
     long_poll_wakes_on_commit_and_times_out_quietly,
     lease_lifecycle,

@@ -157,6 +157,10 @@ pub struct BucketSettings {
     pub remote: crate::server::store::remote::RemoteConfig,
 }
 
+/// Smallest `--gc-grace`: more than a commit can take from its last look at the manifest to its
+/// conditional create (the manifest TTL, at most 5 s, plus the 10 s a create may take to settle).
+pub const MIN_GC_GRACE: Duration = Duration::from_secs(20);
+
 /// Smallest `--cache-size`: the index of a database must fit beside some pages.
 const MIN_CACHE_SIZE: u64 = 8 << 20;
 
@@ -168,6 +172,13 @@ fn bucket_settings(args: &ServeArgs) -> Result<Option<BucketSettings>, ConfigErr
         return Err(ConfigError::Bucket(format!(
             "--cache-size {} is below the minimum of {MIN_CACHE_SIZE} bytes",
             args.cache_size
+        )));
+    }
+    if args.gc_grace < MIN_GC_GRACE {
+        return Err(ConfigError::Bucket(format!(
+            "--gc-grace must be at least {}s: a commit in flight must never find the objects it \
+             checked against already deleted",
+            MIN_GC_GRACE.as_secs()
         )));
     }
     if args.poll_interval < Duration::from_millis(10) {

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub compactions: AtomicU64,
     pub compacted_page_versions: AtomicU64,
     pub page_versions: AtomicU64,
+    pub bucket_segments: AtomicU64,
+    pub bucket_images: AtomicU64,
+    pub bucket_deleted: AtomicU64,
 }
 
 const COUNTERS: &[(&str, &str)] = &[
@@ -61,6 +64,18 @@ const COUNTERS: &[(&str, &str)] = &[
         "litevfs_compacted_page_versions_total",
         "Page versions deleted by compaction.",
     ),
+    (
+        "litevfs_bucket_segments_written_total",
+        "Segments written by compaction in the object store.",
+    ),
+    (
+        "litevfs_bucket_images_written_total",
+        "Images (new bases) written by compaction in the object store.",
+    ),
+    (
+        "litevfs_bucket_objects_deleted_total",
+        "Objects deleted from the object store by retention and garbage collection.",
+    ),
 ];
 
 impl Metrics {
@@ -83,7 +98,7 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    fn counter_values(&self) -> [u64; 9] {
+    fn counter_values(&self) -> [u64; 12] {
         [
             &self.pages_served,
             &self.page_bytes_served,
@@ -94,6 +109,9 @@ impl Metrics {
             &self.restores,
             &self.compactions,
             &self.compacted_page_versions,
+            &self.bucket_segments,
+            &self.bucket_images,
+            &self.bucket_deleted,
         ]
         .map(|c| c.load(Ordering::Relaxed))
     }

@@ -200,13 +200,22 @@ async fn shutdown_signal() {
     }
 }
 
-/// How often compaction runs: half the retention, between 200 ms and 30 s.
-fn compaction_interval(retention: Duration) -> Duration {
-    (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(30))
+/// How often compaction runs: half the retention, between 200 ms and 30 s; with `--store` at
+/// least every 5 s, so commit objects are merged before many pile up.
+fn compaction_interval(retention: Duration, bucket: bool) -> Duration {
+    let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    if bucket {
+        every.min(Duration::from_secs(5))
+    } else {
+        every
+    }
 }
 
 async fn compaction_loop(app: Arc<App>) {
-    let mut tick = tokio::time::interval(compaction_interval(app.config.retention));
+    let mut tick = tokio::time::interval(compaction_interval(
+        app.config.retention,
+        app.config.bucket.is_some(),
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -218,6 +227,9 @@ async fn compaction_loop(app: Arc<App>) {
             Ok(Ok(stats)) => {
                 Metrics::add(&app.metrics.compactions, 1);
                 Metrics::add(&app.metrics.compacted_page_versions, stats.pages_deleted);
+                Metrics::add(&app.metrics.bucket_segments, stats.bucket.segments_written);
+                Metrics::add(&app.metrics.bucket_images, stats.bucket.images_written);
+                Metrics::add(&app.metrics.bucket_deleted, stats.bucket.objects_deleted);
                 app.metrics
                     .page_versions
                     .store(stats.page_versions, std::sync::atomic::Ordering::Relaxed);

@@ -541,8 +541,18 @@ impl Bucket {
         }
     }
 
-    /// Every object under `rel/`, recursively, with its size: (key relative to the root, size).
+    /// Every object under `rel/`, recursively: (key relative to the root, size).
     pub fn list_all(&self, rel: &str) -> BucketResult<Vec<(String, u64)>> {
+        Ok(self
+            .list_all_timed(rel)?
+            .into_iter()
+            .map(|(k, size, _)| (k, size))
+            .collect())
+    }
+
+    /// Every object under `rel/`, recursively: (key relative to the root, size, last modified
+    /// in ms since the epoch).
+    pub fn list_all_timed(&self, rel: &str) -> BucketResult<Vec<(String, u64, u64)>> {
         use futures_util::StreamExt;
         let key = self.key(rel);
         let strip = format!("{}/", self.root);
@@ -552,7 +562,8 @@ impl Bucket {
             while let Some(m) = s.next().await {
                 let m = m?;
                 let k = m.location.to_string();
-                out.push((k.strip_prefix(&strip).unwrap_or(&k).to_string(), m.size));
+                let at = m.last_modified.timestamp_millis().max(0) as u64;
+                out.push((k.strip_prefix(&strip).unwrap_or(&k).to_string(), m.size, at));
             }
             Ok(out)
         });

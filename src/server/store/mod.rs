@@ -12,7 +12,8 @@
 //! HTTP; [`StoreError`] is mapped to wire codes by the server.
 
 mod apply;
-mod image;
+mod compact_bucket;
+pub(super) mod image;
 pub(crate) mod lease;
 mod publish;
 mod read;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 use crate::ltx::LtxError;
 use crate::wire::Pos;
 
+pub use compact_bucket::BucketStats;
 pub use image::{Format, RestoreTarget};
 pub use lease::{DEFAULT_LEASE, LeaseEvent, Leases, MAX_LEASE, MIN_LEASE};
 pub use read::SnapshotPlan;

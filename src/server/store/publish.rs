@@ -262,23 +262,33 @@ impl Store {
         let built = build(&self.tmp_dir, &row, sink, epoch)?;
         let nonce = built.header.nonce;
         let (rel, loaded) = self.write_object(r, key, &gn, built)?;
+        // The create below is safe only on a view of the bucket younger than the manifest TTL
+        // (see `Remote::manifest_ttl`); writing a large body may have taken longer than that.
+        let lost = |this: &Self| -> StoreResult<StoreError> {
+            if let Some(big) = &rel {
+                let _ = r.bucket.delete(&layout::in_generation(key, &gn, big));
+            }
+            this.refresh_locked(r, key, &st, false)?;
+            let pos = this.read(|tx| {
+                Ok(match find_db(tx, key)? {
+                    Some(id) => head(tx, id)?.map_or(crate::wire::Pos::ZERO, |h| h.pos()),
+                    None => crate::wire::Pos::ZERO,
+                })
+            })?;
+            Ok(StoreError::PosMismatch(pos))
+        };
+        if !self.fresh_enough(r, key, &st, Need::Commit)? {
+            self.refresh_locked(r, key, &st, false)?;
+            if local_head()? + 1 != row.min_txid {
+                return Err(lost(self)?);
+            }
+        }
         let l0 = layout::in_generation(key, &gn, &layout::l0(row.min_txid));
         match r.settle_create(&l0, loaded.0, nonce)? {
             Settled::Ours => {}
-            Settled::Theirs => {
-                if let Some(big) = rel {
-                    let _ = r.bucket.delete(&layout::in_generation(key, &gn, &big));
-                }
-                self.refresh_locked(r, key, &st, false)?;
-                let pos = self.read(|tx| {
-                    Ok(match find_db(tx, key)? {
-                        Some(id) => head(tx, id)?.map_or(crate::wire::Pos::ZERO, |h| h.pos()),
-                        None => crate::wire::Pos::ZERO,
-                    })
-                })?;
-                return Err(StoreError::PosMismatch(pos));
-            }
+            Settled::Theirs => return Err(lost(self)?),
         }
+        r.mark_dirty(key);
         // Committed. Indexing it here is an optimisation: if it fails, the next refresh finds it.
         let mut l = loaded.1;
         l.txns[0].created_ms = l.txns[0].created_ms.max(1);

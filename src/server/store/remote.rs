@@ -45,7 +45,7 @@ pub struct RemoteConfig {
 /// Page checksums per `base_cks` chunk.
 pub(super) const CKS_PER_CHUNK: u64 = 4096;
 /// Most bytes of one coalesced range GET.
-const MAX_RANGE: u64 = 8 << 20;
+pub(super) const MAX_RANGE: u64 = 8 << 20;
 /// Largest gap (in slots) a coalesced range GET reads through.
 const MAX_GAP_SLOTS: u64 = 8;
 /// Index bytes kept in memory while ingesting; larger indexes are spilled to `tmp/`.
@@ -76,6 +76,12 @@ impl DbSync {
 
     fn update(&self, f: impl FnOnce(&mut SyncState)) {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The manifest this server last read, with its ETag.
+    pub fn manifest(&self) -> Option<(Manifest, Option<String>)> {
+        let s = self.state();
+        s.manifest.map(|m| (m, s.etag))
     }
 
     /// The index is known current as of now (after this server's own commit).
@@ -116,6 +122,12 @@ pub struct Remote {
     dbs: Mutex<HashMap<DbKey, Arc<DbSync>>>,
     watchers: Mutex<HashMap<DbKey, usize>>,
     stash: Mutex<Stash>,
+    /// Databases with compaction work this server should do (it committed to them).
+    dirty: Mutex<std::collections::HashSet<DbKey>>,
+    /// When each database's generation was last listed for orphans (ms).
+    swept: Mutex<HashMap<DbKey, u64>>,
+    /// Index rows a new base made redundant, since the last compaction pass read this.
+    pub(super) pruned: std::sync::atomic::AtomicU64,
 }
 
 /// Stops counting a watcher when dropped.
@@ -155,6 +167,9 @@ impl Remote {
             dbs: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             stash: Mutex::new(Stash::default()),
+            dirty: Mutex::new(Default::default()),
+            swept: Mutex::new(HashMap::new()),
+            pruned: Default::default(),
         })
     }
 
@@ -199,6 +214,56 @@ impl Remote {
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// Notes that `key` changed here: the next compaction pass looks at it.
+    pub(super) fn mark_dirty(&self, key: &DbKey) {
+        self.set_dirty(key, true);
+    }
+
+    pub(super) fn set_dirty(&self, key: &DbKey, dirty: bool) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if dirty {
+            d.insert(key.clone());
+        } else {
+            d.remove(key);
+        }
+    }
+
+    /// Databases a compaction pass looks at: ones changed here, and ones whose manifest (as
+    /// last read) has objects due for deletion or dead generations.
+    pub(super) fn compaction_candidates(&self, now: u64) -> Vec<DbKey> {
+        let mut keys: Vec<DbKey> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let delay = self.gc_delay_ms();
+        for (k, st) in self.dbs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Some(m) = st.state().manifest
+                && (m.retired.iter().any(|o| o.at_ms + delay <= now)
+                    || !m.dead_generations.is_empty())
+            {
+                keys.push(k.clone());
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Whether `key`'s generation is due to be listed for orphans (and notes that it is).
+    pub(super) fn orphan_sweep_due(&self, key: &DbKey, now: u64, every_ms: u64) -> bool {
+        let mut s = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+        let last = s.entry(key.clone()).or_insert(now);
+        if now >= *last + every_ms {
+            *last = now;
+            true
+        } else {
+            false
+        }
     }
 
     fn stash(&self, db_id: i64, pgno: u32, txid: u64, data: &[u8]) {
@@ -452,6 +517,8 @@ fn check_loaded(l: &Loaded) -> StoreResult<()> {
 #[derive(Default, Debug)]
 pub(super) struct Ingested {
     pub txns: u64,
+    /// Index rows a new base made redundant.
+    pub pruned: u64,
 }
 
 /// The local base of a database: (object id, txid, commit, page size).
@@ -498,7 +565,7 @@ pub(super) fn ingest(tx: &Connection, db_id: i64, l: &Loaded) -> StoreResult<Ing
         if rec.max_txid <= base_txid {
             return Ok(out);
         }
-        set_base(tx, db_id, obj, rec, l)?;
+        out.pruned = set_base(tx, db_id, obj, rec, l)?;
         out.txns += insert_record(tx, db_id, rec)?;
     } else {
         let mut entries = l.entries()?;
@@ -561,7 +628,13 @@ pub(super) fn record_row(rec: &TxnRecord) -> TxnRow {
 
 /// Makes the image `obj` the database's base and forgets what it supersedes: versions at or
 /// below it and transactions before it (positions that left the retention window).
-fn set_base(tx: &Connection, db_id: i64, obj: i64, rec: &TxnRecord, l: &Loaded) -> StoreResult<()> {
+fn set_base(
+    tx: &Connection,
+    db_id: i64,
+    obj: i64,
+    rec: &TxnRecord,
+    l: &Loaded,
+) -> StoreResult<u64> {
     if let Some((old, ..)) = base_of(tx, db_id)? {
         tx.execute("DELETE FROM base_cks WHERE obj = ?1", [old])?;
     }
@@ -591,7 +664,7 @@ fn set_base(tx: &Connection, db_id: i64, obj: i64, rec: &TxnRecord, l: &Loaded) 
         insert.execute(rusqlite::params![obj, (n / CKS_PER_CHUNK) as i64, chunk])?;
     }
     let t = rec.max_txid as i64;
-    tx.execute(
+    let pruned = tx.execute(
         "DELETE FROM pages WHERE db_id = ?1 AND txid <= ?2",
         [db_id, t],
     )?;
@@ -608,7 +681,7 @@ fn set_base(tx: &Connection, db_id: i64, obj: i64, rec: &TxnRecord, l: &Loaded) 
            AND NOT EXISTS (SELECT 1 FROM pages p WHERE p.db_id = ?1 AND p.obj = objects.id)",
         [db_id, obj],
     )?;
-    Ok(())
+    Ok(pruned as u64)
 }
 
 /// Puts the verified page bytes that came with an object's first read into the cache.
@@ -1035,7 +1108,9 @@ impl Store {
             let l = self
                 .load_listed(r, key, &m.generation, o)?
                 .ok_or_else(|| StoreError::Stale(format!("listed object {} is missing", o.key)))?;
-            self.write(|tx| ingest(tx, db_id, &l))?;
+            let done = self.write(|tx| ingest(tx, db_id, &l))?;
+            r.pruned
+                .fetch_add(done.pruned, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1199,6 +1274,8 @@ impl Store {
             return Err(StoreError::NoDb(key.name.clone()));
         }
         r.leases.remove(key)?;
+        // Its old generation is garbage: the next compaction pass deletes it.
+        r.mark_dirty(key);
         self.notify();
         Ok(())
     }

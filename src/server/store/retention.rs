@@ -7,7 +7,9 @@
 //! shadowed by a newer version at or below K, and versions of pages past K's commit size written
 //! at or before K. The newest version of every live page always survives, so the store holds one
 //! full image plus the window's history. Each database is compacted in its own short write
-//! transaction.
+//! transaction. In bucket mode the bucket's own compaction runs instead
+//! ([`super::compact_bucket`]): a new base image there is what forgets history, in the bucket
+//! and in this index alike.
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -18,8 +20,11 @@ use super::{Store, StoreResult, now_ms};
 pub struct CompactionStats {
     pub txns_deleted: u64,
     pub pages_deleted: u64,
-    /// Page versions left in the store after the pass.
+    /// Page versions left in the store after the pass (bucket mode: indexed, the pages of
+    /// each database's base image included).
     pub page_versions: u64,
+    /// Bucket mode: what the pass did in the bucket.
+    pub bucket: super::BucketStats,
 }
 
 impl Store {
@@ -40,13 +45,30 @@ impl Store {
             Ok(ids)
         })?;
         let mut stats = CompactionStats::default();
+        // Bucket mode: the index must keep every commit the manifest has not merged yet (the
+        // compactor lists them from it); history is forgotten only when a new base image lands.
+        let ids = if self.remote().is_some() {
+            Vec::new()
+        } else {
+            ids
+        };
         for id in ids {
             let (t, p) = self.write(|tx| compact_db(tx, id, cutoff))?;
             stats.txns_deleted += t;
             stats.pages_deleted += p;
         }
+        if let Some(r) = self.remote() {
+            stats.bucket = self.compact_bucket(r)?;
+            stats.pages_deleted += r.pruned.swap(0, std::sync::atomic::Ordering::Relaxed);
+        }
         stats.page_versions = self.read(|tx| {
-            Ok(tx.query_row("SELECT COUNT(*) FROM pages", [], |r| r.get::<_, i64>(0))? as u64)
+            let rows = tx.query_row("SELECT COUNT(*) FROM pages", [], |r| r.get::<_, i64>(0))?;
+            let mut stmt = tx.prepare("SELECT commit_size, page_size FROM bases")?;
+            let base: u64 = stmt
+                .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?)))?
+                .map(|b| b.map(|(c, ps)| crate::server::bucket::format::image_slots(ps, c)))
+                .sum::<Result<u64, _>>()?;
+            Ok(rows as u64 + base)
         })?;
         Ok(stats)
     }
