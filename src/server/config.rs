@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// --retention before it is deleted; keep it above the longest request (default 60s).
     #[arg(long, env = "LITEVFS_GC_GRACE", default_value = "60s", value_parser = parse_duration)]
     pub gc_grace: Duration,
+    /// How often compaction runs (default: half the retention, between 200ms and 30s, and
+    /// with --store at most 5s).
+    #[arg(long, env = "LITEVFS_COMPACTION_INTERVAL", value_parser = parse_duration)]
+    pub compaction_interval: Option<Duration>,
     /// FOR BENCHMARKS ONLY: sleep this many milliseconds before handling every request, to
     /// simulate a remote page store.
     #[arg(long, env = "LITEVFS_DELAY_MS", default_value_t = 0)]
@@ -146,6 +150,8 @@ pub struct Config {
     /// How long a connection may take to send a request head (and stay idle between requests).
     pub header_timeout: Duration,
     pub delay: Duration,
+    /// How often compaction runs.
+    pub compaction_interval: Duration,
     /// Bucket mode (`--store`).
     pub bucket: Option<BucketSettings>,
 }
@@ -237,8 +243,23 @@ impl Config {
             stall_timeout: args.stall_timeout.max(Duration::from_millis(1)),
             header_timeout: args.header_timeout.max(Duration::from_millis(1)),
             delay: Duration::from_millis(args.delay_ms),
+            compaction_interval: args.compaction_interval.map_or_else(
+                || default_compaction_interval(args.retention, args.store.is_some()),
+                |d| d.max(Duration::from_millis(10)),
+            ),
             bucket: bucket_settings(args)?,
         })
+    }
+}
+
+/// How often compaction runs by default: half the retention, between 200 ms and 30 s; with
+/// `--store` at least every 5 s, so commit objects are merged before many pile up.
+fn default_compaction_interval(retention: Duration, bucket: bool) -> Duration {
+    let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    if bucket {
+        every.min(Duration::from_secs(5))
+    } else {
+        every
     }
 }
 

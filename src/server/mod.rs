@@ -200,22 +200,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// How often compaction runs: half the retention, between 200 ms and 30 s; with `--store` at
-/// least every 5 s, so commit objects are merged before many pile up.
-fn compaction_interval(retention: Duration, bucket: bool) -> Duration {
-    let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
-    if bucket {
-        every.min(Duration::from_secs(5))
-    } else {
-        every
-    }
-}
-
 async fn compaction_loop(app: Arc<App>) {
-    let mut tick = tokio::time::interval(compaction_interval(
-        app.config.retention,
-        app.config.bucket.is_some(),
-    ));
+    let mut tick = tokio::time::interval(app.config.compaction_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -52,15 +52,16 @@ pub struct Manifest {
     pub segments: Vec<ObjRef>,
     #[serde(default)]
     pub retired: Vec<Retired>,
-    /// Generations of earlier incarnations whose objects are still to be deleted.
+    /// Generations of earlier incarnations whose objects are still to be deleted (`key` is
+    /// the generation, `at_ms` when the database was deleted).
     #[serde(default)]
-    pub dead_generations: Vec<String>,
+    pub dead_generations: Vec<Retired>,
     pub updated_ms: u64,
 }
 
 impl Manifest {
     /// The manifest of a new, empty database.
-    pub fn new(dead_generations: Vec<String>) -> Manifest {
+    pub fn new(dead_generations: Vec<Retired>) -> Manifest {
         Manifest {
             format: FORMAT,
             generation: format!("{:016x}", super::layout::nonce()),

@@ -100,8 +100,7 @@ impl Store {
                 return Ok(false);
             };
             if m.deleted {
-                self.collect_deleted(r, key, &m, etag.as_deref())?;
-                return Ok(false);
+                return self.collect_deleted(r, key, &m, etag.as_deref(), stats);
             }
             let Some(step) = self.plan(r, key, &m)? else {
                 self.sweep_orphans(r, key, &m)?;
@@ -121,8 +120,10 @@ impl Store {
     /// The next step for a database, if any.
     fn plan(&self, r: &Remote, key: &DbKey, m: &Manifest) -> StoreResult<Option<Step>> {
         let now = now_ms();
-        if m.retired.iter().any(|o| o.at_ms + r.gc_delay_ms() <= now)
-            || !m.dead_generations.is_empty()
+        if m.retired
+            .iter()
+            .chain(m.dead_generations.iter())
+            .any(|o| o.at_ms + r.gc_delay_ms() <= now)
         {
             return Ok(Some(Step::Collect));
         }
@@ -369,12 +370,10 @@ impl Store {
                         .delete(&layout::in_generation(key, &m.generation, &o.key))?;
                     stats.objects_deleted += 1;
                 }
-                for g in &m.dead_generations {
-                    stats.objects_deleted += self.delete_prefix(r, &layout::generation(key, g))?;
-                }
+                let dead = self.collect_dead(r, key, m, stats)?;
                 let keys: HashSet<&str> = due.iter().map(|o| o.key.as_str()).collect();
                 next.retired.retain(|o| !keys.contains(o.key.as_str()));
-                next.dead_generations.clear();
+                next.dead_generations.retain(|g| !dead.contains(&g.key));
             }
         }
         // Never publish a manifest readers would refuse: that would make the database
@@ -434,36 +433,47 @@ impl Store {
         Ok(all.len() as u64)
     }
 
-    /// A deleted database: its dead generations go, then (after the grace) its tombstone and
-    /// lease object, unless someone created the database again meanwhile.
+    /// Deletes the objects of generations dead for longer than the grace; returns which.
+    fn collect_dead(
+        &self,
+        r: &Remote,
+        key: &DbKey,
+        m: &Manifest,
+        stats: &mut BucketStats,
+    ) -> StoreResult<Vec<String>> {
+        let now = now_ms();
+        let mut done = Vec::new();
+        for g in m
+            .dead_generations
+            .iter()
+            .filter(|g| g.at_ms + r.gc_delay_ms() <= now)
+        {
+            stats.objects_deleted += self.delete_prefix(r, &layout::generation(key, &g.key))?;
+            done.push(g.key.clone());
+        }
+        Ok(done)
+    }
+
+    /// A deleted database: once the grace has passed, the objects of its dead generations go.
+    /// The tombstone manifest stays (a few hundred bytes): deleting it could race a creation
+    /// of the same name, and a creation replaces it by compare-and-swap anyway.
     fn collect_deleted(
         &self,
         r: &Remote,
         key: &DbKey,
         m: &Manifest,
         etag: Option<&str>,
-    ) -> StoreResult<()> {
-        for g in &m.dead_generations {
-            self.delete_prefix(r, &layout::generation(key, g))?;
+        stats: &mut BucketStats,
+    ) -> StoreResult<bool> {
+        let dead = self.collect_dead(r, key, m, stats)?;
+        if let (Some(etag), false) = (etag, dead.is_empty()) {
+            let mut next = m.clone();
+            next.dead_generations.retain(|g| !dead.contains(&g.key));
+            next.updated_ms = now_ms();
+            r.bucket
+                .put_update(&layout::manifest(key), next.encode(), etag)?;
         }
-        let Some(etag) = etag else {
-            return Ok(());
-        };
-        if m.updated_ms + r.gc_delay_ms() > now_ms() {
-            if !m.dead_generations.is_empty() {
-                let mut next = m.clone();
-                next.dead_generations.clear();
-                r.bucket
-                    .put_update(&layout::manifest(key), next.encode(), etag)?;
-            }
-            return Ok(());
-        }
-        // Nothing left but the tombstone: a creation after this point starts from nothing.
-        if m.dead_generations.is_empty() {
-            r.bucket.delete(&layout::lease(key))?;
-            r.bucket.delete(&layout::manifest(key))?;
-        }
-        Ok(())
+        Ok(m.dead_generations.len() > dead.len())
     }
 
     /// Deletes objects of the current generation that nothing names and that are older than

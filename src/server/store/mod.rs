@@ -107,7 +107,9 @@ impl From<crate::server::bucket::BucketError> for StoreError {
     fn from(e: crate::server::bucket::BucketError) -> StoreError {
         match e {
             crate::server::bucket::BucketError::Io(io) => StoreError::Io(io),
-            e => StoreError::Unavailable(e.to_string()),
+            e => StoreError::Unavailable(format!(
+                "the object store is unavailable, nothing was changed: {e}"
+            )),
         }
     }
 }

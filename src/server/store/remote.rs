@@ -243,8 +243,10 @@ impl Remote {
         let delay = self.gc_delay_ms();
         for (k, st) in self.dbs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if let Some(m) = st.state().manifest
-                && (m.retired.iter().any(|o| o.at_ms + delay <= now)
-                    || !m.dead_generations.is_empty())
+                && m.retired
+                    .iter()
+                    .chain(m.dead_generations.iter())
+                    .any(|o| o.at_ms + delay <= now)
             {
                 keys.push(k.clone());
             }
@@ -1249,7 +1251,10 @@ impl Store {
                 break;
             }
             let mut dead = m.dead_generations.clone();
-            dead.push(m.generation.clone());
+            dead.push(crate::server::bucket::manifest::Retired {
+                key: m.generation.clone(),
+                at_ms: now_ms(),
+            });
             let tomb = Manifest {
                 deleted: true,
                 next_l0: 1,
