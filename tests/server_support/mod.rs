@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -48,6 +50,19 @@ macro_rules! on_every_backend {
         mod local {
             $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::Local, super::$name) } )*
         }
+        mod file {
+            $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::File, super::$name) } )*
+        }
+        mod s3 {
+            $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::S3, super::$name) } )*
+        }
+    };
+}
+
+/// Like [`on_every_backend`], for tests of `--store` only: `file::name` and `s3::name`.
+#[macro_export]
+macro_rules! on_bucket_backends {
+    ($($name:ident),* $(,)?) => {
         mod file {
             $( #[test] fn $name() { $crate::server_support::with_backend($crate::server_support::Backend::File, super::$name) } )*
         }
@@ -145,9 +160,94 @@ fn bucket_for(dir: &Path) -> String {
     format!("t{h:016x}")
 }
 
+/// The keys of every object in the bucket that belongs to `dir` (bucket backends).
+pub fn bucket_objects(dir: &Path) -> Vec<String> {
+    match backend() {
+        Backend::Local => Vec::new(),
+        Backend::File => {
+            let root = dir.with_extension("bucket");
+            let mut out = Vec::new();
+            let mut todo = vec![root.clone()];
+            while let Some(d) = todo.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        todo.push(p);
+                    } else if !p.to_string_lossy().contains("#")
+                        && !p.ends_with(".litevfs-cas.lock")
+                    {
+                        out.push(
+                            p.strip_prefix(&root)
+                                .unwrap()
+                                .to_string_lossy()
+                                .into_owned(),
+                        );
+                    }
+                }
+            }
+            out.sort();
+            out
+        }
+        Backend::S3 => {
+            let m = moto();
+            let bucket = bucket_for(dir);
+            let mut out = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut url = format!("{}/{bucket}?list-type=2", m.endpoint);
+                if let Some(t) = &token {
+                    url.push_str(&format!("&continuation-token={t}"));
+                }
+                let xml = Client::new().get(url).send().unwrap().text().unwrap();
+                for part in xml.split("<Key>").skip(1) {
+                    out.push(part.split("</Key>").next().unwrap().to_string());
+                }
+                token = xml
+                    .split("<NextContinuationToken>")
+                    .nth(1)
+                    .map(|t| t.split('<').next().unwrap().to_string());
+                if token.is_none() {
+                    break;
+                }
+            }
+            out.sort();
+            out
+        }
+    }
+}
+
+/// One object of the bucket that belongs to `dir`, by its key relative to the bucket (for
+/// `s3://` the key includes the `litevfs/` prefix the tests use; for `file://` that prefix is
+/// stripped, the directory being the root).
+pub fn bucket_object(dir: &Path, key: &str) -> Option<Vec<u8>> {
+    match backend() {
+        Backend::Local => None,
+        Backend::File => {
+            let rel = key.strip_prefix("litevfs/").unwrap_or(key);
+            std::fs::read(dir.with_extension("bucket").join(rel)).ok()
+        }
+        Backend::S3 => {
+            // moto checks that an object read carries credentials, not their signature.
+            let auth = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
+                        SignedHeaders=host, Signature=00";
+            let r = Client::new()
+                .get(format!("{}/{}/{key}", moto().endpoint, bucket_for(dir)))
+                .header("Authorization", auth)
+                .send()
+                .ok()?;
+            r.status().is_success().then(|| r.bytes().unwrap().to_vec())
+        }
+    }
+}
+
 /// The `--store` arguments (and environment) for a server of the current backend whose data
 /// lives with `dir`; none for the local backend.
 pub fn store_args(dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
+    store_args_via(dir, None)
+}
+
+/// Like [`store_args`], with S3 requests sent to `endpoint` (a proxy) instead of moto.
+pub fn store_args_via(dir: &Path, endpoint: Option<&str>) -> (Vec<String>, Vec<(String, String)>) {
     match backend() {
         Backend::Local => (Vec::new(), Vec::new()),
         Backend::File => (
@@ -170,7 +270,7 @@ pub fn store_args(dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
                     "--store".into(),
                     format!("s3://{bucket}/litevfs"),
                     "--aws-endpoint-url".into(),
-                    m.endpoint.clone(),
+                    endpoint.unwrap_or(&m.endpoint).to_string(),
                     "--s3-path-style".into(),
                 ],
                 vec![
@@ -210,7 +310,17 @@ impl Server {
     /// Starts a server with data directory `dir` on the bucket that belongs to `bucket_dir`
     /// (several servers on one bucket each have their own data directory).
     pub fn start_with_bucket_of(dir: &Path, bucket_dir: &Path, extra: &[&str]) -> Server {
-        let (store, env) = store_args(bucket_dir);
+        Server::start_via(dir, bucket_dir, None, extra)
+    }
+
+    /// Like [`Server::start_with_bucket_of`], reaching S3 through `endpoint` (a proxy).
+    pub fn start_via(
+        dir: &Path,
+        bucket_dir: &Path,
+        endpoint: Option<&str>,
+        extra: &[&str],
+    ) -> Server {
+        let (store, env) = store_args_via(bucket_dir, endpoint);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_litevfs"));
         cmd.arg("serve")
             .arg("--data-dir")
@@ -399,6 +509,30 @@ impl Api {
 
     pub fn tx(&self, db: &str, ltx: Vec<u8>) -> Resp {
         self.post("/db/tx", &[("db", db)], ltx)
+    }
+
+    /// The value of a metric without labels (0 if absent).
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.get("/metrics", &[]).ok().text();
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |v| v.parse().unwrap())
+    }
+
+    /// Requests to the bucket of operation `op` (every outcome).
+    pub fn bucket_requests(&self, op: &str) -> u64 {
+        let text = self.get("/metrics", &[]).ok().text();
+        let prefix = format!("litevfs_bucket_requests_total{{op=\"{op}\",");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// GETs to the bucket (whole objects and byte ranges).
+    pub fn bucket_gets(&self) -> u64 {
+        self.bucket_requests("get") + self.bucket_requests("get_range")
     }
 
     pub fn positions(&self) -> BTreeMap<String, Pos> {
