@@ -101,6 +101,7 @@ pub struct BucketMetrics {
 
 impl BucketMetrics {
     fn count(&self, op: &'static str, result: &'static str) {
+        tracing::trace!(op, result, "object store request");
         *self
             .requests
             .lock()
@@ -270,6 +271,7 @@ impl Bucket {
         rel: &str,
         etag: Option<&str>,
     ) -> BucketResult<Option<Option<Got>>> {
+        tracing::debug!(key = rel, etag, "GET (if changed)");
         let opts = GetOptions {
             if_none_match: etag.map(str::to_string),
             ..Default::default()
@@ -313,6 +315,7 @@ impl Bucket {
     }
 
     fn get_opts(&self, rel: &str, opts: GetOptions) -> BucketResult<Option<(Got, u64)>> {
+        tracing::debug!(key = rel, range = ?opts.range, "GET");
         let op = if opts.range.is_some() {
             "get_range"
         } else {
@@ -360,6 +363,7 @@ impl Bucket {
 
     /// Creates an object only if no object has that key: the commit point of a transaction.
     pub fn put_create(&self, rel: &str, bytes: Vec<u8>) -> BucketResult<Cas> {
+        tracing::debug!(key = rel, bytes = bytes.len(), "PUT (create)");
         let n = bytes.len() as u64;
         let key = self.key(rel);
         let opts = PutOptions::from(PutMode::Create);
@@ -382,6 +386,7 @@ impl Bucket {
 
     /// Replaces an object only if its ETag is still `etag` (compare-and-swap).
     pub fn put_update(&self, rel: &str, bytes: Vec<u8>, etag: &str) -> BucketResult<Cas> {
+        tracing::debug!(key = rel, etag, "PUT (update)");
         let n = bytes.len() as u64;
         let r = match &self.cas_lock {
             Some(lock) => self.put_update_locked(lock, rel, bytes, etag),
@@ -499,6 +504,7 @@ impl Bucket {
 
     /// Deletes an object (absent is fine).
     pub fn delete(&self, rel: &str) -> BucketResult<()> {
+        tracing::debug!(key = rel, "DELETE");
         let key = self.key(rel);
         match self.run(self.inner.delete(&key)) {
             Ok(()) => {
@@ -519,6 +525,7 @@ impl Bucket {
     /// The names directly under `rel/` (like directory entries): objects and common prefixes.
     /// A LIST: never on the hot path.
     pub fn list_names(&self, rel: &str) -> BucketResult<Vec<String>> {
+        tracing::debug!(prefix = rel, "LIST");
         let key = self.key(rel);
         match self.run(self.inner.list_with_delimiter(Some(&key))) {
             Ok(r) => {

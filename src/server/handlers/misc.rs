@@ -31,5 +31,17 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     if let Some(b) = app.store.bucket_metrics() {
         b.render(&mut text);
     }
+    if let Some((bytes, pages, dbs)) = app.store.cache_metrics() {
+        use std::fmt::Write;
+        let _ = writeln!(
+            text,
+            "# HELP litevfs_cache_bytes Bytes of the data directory's cache (store.db and its log).\n\
+             # TYPE litevfs_cache_bytes gauge\nlitevfs_cache_bytes {bytes}\n\
+             # HELP litevfs_cache_evicted_pages_total Cached pages evicted to stay under --cache-size.\n\
+             # TYPE litevfs_cache_evicted_pages_total counter\nlitevfs_cache_evicted_pages_total {pages}\n\
+             # HELP litevfs_cache_evicted_databases_total Databases whose index was evicted to stay under --cache-size.\n\
+             # TYPE litevfs_cache_evicted_databases_total counter\nlitevfs_cache_evicted_databases_total {dbs}"
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -626,7 +626,10 @@ impl Store {
             0,
         );
         let rel = layout::image(t.max_txid, header.nonce);
-        let fetch = RemoteBytes { remote: r };
+        let fetch = RemoteBytes {
+            remote: r,
+            cache: false,
+        };
         self.read(|tx| {
             let db_id = find_db(tx, key)?
                 .ok_or_else(|| StoreError::Stale("database row vanished".into()))?;

@@ -72,7 +72,10 @@ impl Store {
             });
         };
         self.sync_db(r, key, txid.map_or(Need::Recent, Need::Txid))?;
-        let fetch = RemoteBytes { remote: r };
+        let fetch = RemoteBytes {
+            remote: r,
+            cache: false,
+        };
         let res = self.read(|tx| {
             let plan = plan_in(tx, key, txid)?;
             match start(&plan) {

@@ -13,6 +13,7 @@
 
 mod apply;
 mod compact_bucket;
+mod evict;
 pub(super) mod image;
 pub(crate) mod lease;
 mod publish;
@@ -258,6 +259,17 @@ impl Store {
     /// Request counters of the bucket (bucket mode).
     pub fn bucket_metrics(&self) -> Option<&crate::server::bucket::BucketMetrics> {
         self.remote().map(|r| &r.bucket.metrics)
+    }
+
+    /// Bucket mode: bytes of the data directory's cache, pages and databases evicted so far.
+    pub fn cache_metrics(&self) -> Option<(u64, u64, u64)> {
+        let r = self.remote()?;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        Some((
+            self.cache_bytes(),
+            load(&r.evicted_pages),
+            load(&r.evicted_dbs),
+        ))
     }
 
     /// Bucket mode: the databases the poller keeps current.

@@ -249,7 +249,10 @@ impl Store {
             LeaseRule::Ignore => 0,
             LeaseRule::Header(id) => r.leases.check_write(key, id)?,
         };
-        let fetch = RemoteBytes { remote: r };
+        let fetch = RemoteBytes {
+            remote: r,
+            cache: true,
+        };
         let (row, sink) = self.read(|tx| {
             let head = head_of(tx, key, &fetch)?;
             let mut sink = ObjectSink::new(&self.tmp_dir);

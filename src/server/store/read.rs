@@ -8,7 +8,7 @@ use rusqlite::Connection;
 
 use super::remote::{Need, RemoteBytes};
 use super::{
-    Bytes, DbKey, Fetch, LocalBytes, Store, StoreError, StoreResult, TxnRow, Version, find_db,
+    Bytes, DbKey, Fetch, Loc, LocalBytes, Store, StoreError, StoreResult, TxnRow, Version, find_db,
     head, page_version, txn_at,
 };
 use crate::ltx::{lock_page, page_checksum};
@@ -47,7 +47,10 @@ impl Store {
         };
         let need = pos.map_or(Need::Recent, |p| Need::Txid(p.txid.0));
         self.sync_db(r, key, need)?;
-        let fetch = RemoteBytes { remote: r };
+        let fetch = RemoteBytes {
+            remote: r,
+            cache: true,
+        };
         let got = match self.read(|tx| pages_in(tx, key, pos, pgnos, &fetch, true)) {
             Err(StoreError::Stale(why)) => {
                 tracing::debug!(db = %key.name, %why, "re-reading the bucket");
@@ -102,8 +105,47 @@ impl Store {
     }
 }
 
-/// Prefetch hints within this many slots of the first requested page share its range GET.
+/// Prefetch hints within this many slots of the first requested page may share its range GET.
 const HINT_WINDOW_SLOTS: u64 = 256;
+
+/// The remote versions that one range GET around `anchor` reads anyway: slots of its object
+/// chained to it by gaps the fetcher reads through, within the hint window.
+fn one_range(
+    anchor: Loc,
+    versions: &[Version],
+    page_size: u32,
+) -> std::collections::HashSet<(i64, u64)> {
+    let span = (super::remote::MAX_RANGE / u64::from(page_size)).min(HINT_WINDOW_SLOTS);
+    let mut slots: Vec<u64> = versions
+        .iter()
+        .filter_map(|v| match &v.bytes {
+            Bytes::Remote(l) if l.obj == anchor.obj => Some(l.slot),
+            _ => None,
+        })
+        .filter(|s| s.abs_diff(anchor.slot) < span)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let at = slots.binary_search(&anchor.slot).unwrap_or(0);
+    let (mut lo, mut hi) = (at, at);
+    let gap = super::remote::MAX_GAP_SLOTS;
+    // Grow from the anchor while the fetcher would read through the gap, in at most `span`
+    // slots (its byte cap).
+    loop {
+        let down = lo > 0 && slots[lo] - slots[lo - 1] <= gap && slots[hi] - slots[lo - 1] < span;
+        let up = hi + 1 < slots.len()
+            && slots[hi + 1] - slots[hi] <= gap
+            && slots[hi + 1] - slots[lo] < span;
+        if up {
+            hi += 1;
+        } else if down {
+            lo -= 1;
+        } else {
+            break;
+        }
+    }
+    slots[lo..=hi].iter().map(|s| (anchor.obj, *s)).collect()
+}
 
 /// The pages of one `/db/page` request. `thrifty` (bucket mode): a hint whose bytes are only in
 /// the bucket is served when it shares the first page's object and lies near it (one range GET
@@ -138,15 +180,15 @@ fn pages_in(
             Some(Bytes::Remote(l)) => Some(*l),
             _ => None,
         };
+        let near = anchor
+            .map(|a| one_range(a, &versions, txn.page_size))
+            .unwrap_or_default();
         let mut first = true;
         versions.retain(|v| {
             let keep = first
-                || match (&v.bytes, anchor) {
-                    (Bytes::Here(_), _) => true,
-                    (Bytes::Remote(l), Some(a)) => {
-                        l.obj == a.obj && l.slot.abs_diff(a.slot) <= HINT_WINDOW_SLOTS
-                    }
-                    (Bytes::Remote(_), None) => false,
+                || match &v.bytes {
+                    Bytes::Here(_) => true,
+                    Bytes::Remote(l) => near.contains(&(l.obj, l.slot)),
                 };
             first = false;
             keep

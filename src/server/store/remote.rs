@@ -47,7 +47,7 @@ pub(super) const CKS_PER_CHUNK: u64 = 4096;
 /// Most bytes of one coalesced range GET.
 pub(super) const MAX_RANGE: u64 = 8 << 20;
 /// Largest gap (in slots) a coalesced range GET reads through.
-const MAX_GAP_SLOTS: u64 = 8;
+pub(super) const MAX_GAP_SLOTS: u64 = 8;
 /// Index bytes kept in memory while ingesting; larger indexes are spilled to `tmp/`.
 const INDEX_IN_MEMORY: usize = 8 << 20;
 /// Fetched page bytes waiting to enter `page_cache`.
@@ -128,6 +128,11 @@ pub struct Remote {
     swept: Mutex<HashMap<DbKey, u64>>,
     /// Index rows a new base made redundant, since the last compaction pass read this.
     pub(super) pruned: std::sync::atomic::AtomicU64,
+    /// When each database was last used here (for forgetting the least recently used).
+    pub(super) last_used: Mutex<HashMap<DbKey, Instant>>,
+    /// Page bytes and databases evicted from the cache (for `/metrics`).
+    pub(super) evicted_pages: std::sync::atomic::AtomicU64,
+    pub(super) evicted_dbs: std::sync::atomic::AtomicU64,
 }
 
 /// Stops counting a watcher when dropped.
@@ -170,6 +175,9 @@ impl Remote {
             dirty: Mutex::new(Default::default()),
             swept: Mutex::new(HashMap::new()),
             pruned: Default::default(),
+            last_used: Mutex::new(HashMap::new()),
+            evicted_pages: Default::default(),
+            evicted_dbs: Default::default(),
         })
     }
 
@@ -214,6 +222,41 @@ impl Remote {
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// Forgets this server's sync state of `key` (its rows were dropped).
+    pub(super) fn forget(&self, key: &DbKey) {
+        self.dbs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Whether `key` must stay indexed here: readers wait on it, a lease was granted here, or
+    /// compaction work is pending.
+    fn pinned(&self, key: &DbKey) -> bool {
+        self.active().contains(key)
+            || self
+                .dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(key)
+    }
+
+    /// Of `keys` (databases indexed here), those not pinned, least recently used first.
+    pub(super) fn idle_of(&self, keys: Vec<DbKey>) -> Vec<DbKey> {
+        let used = self
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut idle: Vec<DbKey> = keys.into_iter().filter(|k| !self.pinned(k)).collect();
+        idle.sort_by_key(|k| used.get(k).copied());
+        idle
     }
 
     /// Notes that `key` changed here: the next compaction pass looks at it.
@@ -270,7 +313,9 @@ impl Remote {
 
     fn stash(&self, db_id: i64, pgno: u32, txid: u64, data: &[u8]) {
         let mut s = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-        if s.bytes + data.len() > STASH_LIMIT {
+        // One flush must not overshoot the cache bound by much.
+        let limit = STASH_LIMIT.min((self.cfg.cache_size / 8) as usize);
+        if s.bytes + data.len() > limit {
             return;
         }
         s.bytes += data.len();
@@ -818,6 +863,9 @@ fn generation_of(tx: &Connection, db_id: i64) -> StoreResult<(DbKey, String)> {
 /// Fetches page bytes from the bucket for the store's read paths.
 pub(crate) struct RemoteBytes<'r> {
     pub remote: &'r Remote,
+    /// Keep what is fetched in the page cache (not for whole-database reads: a snapshot would
+    /// push out every page readers use).
+    pub cache: bool,
 }
 
 impl Fetch for RemoteBytes<'_> {
@@ -885,7 +933,9 @@ impl Fetch for RemoteBytes<'_> {
                         v.pgno
                     )));
                 }
-                self.remote.stash(db_id, v.pgno, v.txid, data);
+                if self.cache {
+                    self.remote.stash(db_id, v.pgno, v.txid, data);
+                }
                 out[idx] = Some(data.to_vec());
             }
             i = j;
@@ -926,11 +976,41 @@ impl Store {
         if let Err(e) = res {
             tracing::warn!(error = %e, "writing fetched pages to the cache");
         }
+        self.evict_if_needed(r);
+    }
+
+    /// Keeps the data directory under `--cache-size` (logs instead of failing a request).
+    pub(super) fn evict_if_needed(&self, r: &Remote) {
+        match self.enforce_cache_bound(r) {
+            Ok(e) => {
+                r.evicted_pages
+                    .fetch_add(e.pages, std::sync::atomic::Ordering::Relaxed);
+                r.evicted_dbs
+                    .fetch_add(e.databases, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "evicting from the cache"),
+        }
+    }
+
+    /// The databases indexed here that may be forgotten, least recently used first.
+    pub(super) fn idle_databases(&self, r: &Remote) -> Vec<DbKey> {
+        let keys = self.read(|tx| {
+            let mut stmt = tx.prepare("SELECT cluster, name FROM dbs")?;
+            let rows = stmt.query_map([], |row| {
+                Ok(DbKey {
+                    cluster: row.get(0)?,
+                    name: row.get(1)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        });
+        keys.map(|k| r.idle_of(k)).unwrap_or_default()
     }
 
     /// Makes the index of `key` current enough for `need` (bucket mode). A database that does
     /// not exist in the bucket has no rows afterwards.
     pub(super) fn sync_db(&self, r: &Remote, key: &DbKey, need: Need) -> StoreResult<()> {
+        r.used(key);
         let st = r.db(key);
         if self.fresh_enough(r, key, &st, need)? {
             return Ok(());

@@ -60,6 +60,7 @@ impl Store {
         if let Some(r) = self.remote() {
             stats.bucket = self.compact_bucket(r)?;
             stats.pages_deleted += r.pruned.swap(0, std::sync::atomic::Ordering::Relaxed);
+            self.evict_if_needed(r);
         }
         stats.page_versions = self.read(|tx| {
             let rows = tx.query_row("SELECT COUNT(*) FROM pages", [], |r| r.get::<_, i64>(0))?;

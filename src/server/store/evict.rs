@@ -1,0 +1,113 @@
+//! Bucket mode: keeping `DATA_DIR` under `--cache-size`.
+//!
+//! What fills the data directory is `store.db` (and its write-ahead log): page bytes fetched
+//! from the bucket (`page_cache`), and the index of every database this server has opened. When
+//! the two files pass the bound, page bytes go first, least recently used first (`atime`, kept
+//! approximately: hits are recorded in memory and applied in batches); freed space is given back
+//! to the file system (incremental vacuum, then a truncating checkpoint of the log). If the index
+//! alone still passes the bound, whole databases are forgotten, least recently used first, except
+//! ones with long-polling readers, a lease or compaction work on this server: the next request
+//! for them reads their manifest again. Everything evicted is in the bucket, so eviction never
+//! loses anything.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::remote::Remote;
+use super::{Store, StoreResult};
+
+/// Evict once the data directory passes this fraction of the bound...
+const HIGH: f64 = 0.90;
+/// ... down to this fraction.
+const LOW: f64 = 0.75;
+/// Rows deleted per write transaction while evicting.
+const BATCH: i64 = 2048;
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// What one eviction did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub pages: u64,
+    pub databases: u64,
+}
+
+impl Store {
+    /// Bytes `store.db` and its log take.
+    pub(super) fn cache_bytes(&self) -> u64 {
+        let wal = self.path.with_file_name("store.db-wal");
+        file_len(&self.path) + file_len(&wal)
+    }
+
+    /// Evicts until the data directory is under the low mark, if it is over the high mark.
+    pub(super) fn enforce_cache_bound(&self, r: &Remote) -> StoreResult<Evicted> {
+        let bound = r.cfg.cache_size as f64;
+        let mut out = Evicted::default();
+        if (self.cache_bytes() as f64) < bound * HIGH {
+            return Ok(out);
+        }
+        let target = (bound * LOW) as u64;
+        while self.cache_bytes() > target {
+            let deleted = self.write(|tx| {
+                Ok(tx.execute(
+                    "DELETE FROM page_cache WHERE rowid IN
+                       (SELECT rowid FROM page_cache ORDER BY atime LIMIT ?1)",
+                    [BATCH],
+                )? as u64)
+            })?;
+            out.pages += deleted;
+            self.give_back()?;
+            if deleted == 0 {
+                break;
+            }
+        }
+        if self.cache_bytes() > target {
+            for key in self.idle_databases(r) {
+                if self.cache_bytes() <= target {
+                    break;
+                }
+                // Never under a refresh or a commit of the same database.
+                let st = r.db(&key);
+                let Some(_g) = st.lock.try_lock() else {
+                    continue;
+                };
+                self.drop_local(&key)?;
+                r.forget(&key);
+                out.databases += 1;
+                self.give_back()?;
+            }
+        }
+        if self.cache_bytes() > r.cfg.cache_size {
+            tracing::warn!(
+                bytes = self.cache_bytes(),
+                bound = r.cfg.cache_size,
+                "the index of the databases in use does not fit in --cache-size"
+            );
+        }
+        Ok(out)
+    }
+
+    /// Returns free pages of `store.db` to the file system and truncates its log.
+    fn give_back(&self) -> StoreResult<()> {
+        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        conn.execute_batch("PRAGMA incremental_vacuum")?;
+        // Busy (a long read is open) is fine: the log is cut at a later pass.
+        let _: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            });
+        Ok(())
+    }
+}
+
+impl Remote {
+    /// Notes that `key` was used now (for choosing which database to forget).
+    pub(super) fn used(&self, key: &super::DbKey) {
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), Instant::now());
+    }
+}
