@@ -512,7 +512,87 @@ fn modes_and_settings_are_checked_at_start() {
     }
 }
 
+/// Bytes of the files in `dir` (not recursive: the data directory's own files).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `--cache-size` bounds the data directory however large the databases are: a server that
+/// reads every page of two databases of three times the bound keeps its data directory under
+/// it, evicting pages (and, past that, whole databases' indexes), and still serves every page
+/// right, fetching evicted ones again.
+fn the_cache_stays_under_its_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let owner = tmp.path().join("owner");
+    let a = Server::start_in(&owner, &[]);
+    let pages = 12_288u32; // 48 MiB each
+    let images = [server_support::fake_sqlite(pages), {
+        let mut b = server_support::fake_sqlite(pages);
+        for p in 1..pages as usize {
+            b[p * 4096 + 100] ^= 0xff;
+        }
+        b
+    }];
+    for (i, img) in images.iter().enumerate() {
+        a.api()
+            .post("/db/upload", &[("db", &format!("big{i}"))], img.clone())
+            .ok();
+    }
+    let reader = tmp.path().join("reader");
+    let bound = 16u64 << 20;
+    let b = Server::start_with_bucket_of(&reader, &owner, &["--cache-size", "16MiB"]);
+    let api = b.api();
+    let mut peak = 0;
+    for round in 0..2 {
+        for (i, img) in images.iter().enumerate() {
+            let db = format!("big{i}");
+            let mut pgno = 1;
+            while pgno <= pages {
+                let last = (pgno + 127).min(pages);
+                let list = (pgno..=last)
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let r = api.send(
+                    api.req(
+                        reqwest::Method::GET,
+                        "/db/page",
+                        &[("db", &db), ("pgno", &list)],
+                    )
+                    .header("Accept", litevfs::wire::MEDIA_PAGE_FRAMES),
+                );
+                let frames = litevfs::wire::decode_page_frames(&r.ok().body).unwrap();
+                for f in &frames {
+                    let at = (f.pgno as usize - 1) * 4096;
+                    assert_eq!(
+                        f.data,
+                        img[at..at + 4096],
+                        "{db} page {} round {round}",
+                        f.pgno
+                    );
+                }
+                pgno += frames.len() as u32;
+                peak = peak.max(dir_bytes(&reader));
+            }
+        }
+    }
+    // The bound holds between requests, up to one batch of pages being written.
+    assert!(
+        peak <= bound + (bound / 8) + (1 << 20),
+        "data dir peaked at {peak} bytes"
+    );
+    assert!(dir_bytes(&reader) <= bound, "{} bytes", dir_bytes(&reader));
+    assert!(api.metric("litevfs_cache_evicted_pages_total") > 0);
+}
+
 on_bucket_backends!(
+    the_cache_stays_under_its_bound,
     an_empty_data_dir_serves_everything,
     compaction_bounds_what_a_reader_opens,
     retention_deletes_superseded_objects,

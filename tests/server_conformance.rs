@@ -417,7 +417,12 @@ fn page_replies_are_capped_in_bytes_first_page_always_sent() {
     );
     let r = api.send(rb.header("Accept", MEDIA_PAGE_FRAMES)).ok();
     let frames = decode_page_frames(&r.body).unwrap();
-    assert_eq!(frames.len(), 256);
+    match server_support::backend() {
+        server_support::Backend::Local => assert_eq!(frames.len(), 256),
+        // With --store, hints ride along only as far as one range GET of the bucket reaches
+        // (8 MiB here): never past the 16 MiB cap, never more than one GET per request.
+        _ => assert!((128..=256).contains(&frames.len()), "{}", frames.len()),
+    }
     assert_eq!(frames[0].pgno, 1);
     assert!(frames.iter().all(|f| f.data == page(65536, f.pgno as u8)));
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use litevfs::ltx;
 use litevfs::wire::{Changes, Lease, Pos, SyncResponse, TxidResponse};
-use server_support::{Api, Model, Server, page};
+use server_support::{Api, Model, Server, fake_sqlite, page};
 
 fn sync_body(entries: &[(&str, Pos)]) -> Vec<u8> {
     let positions: std::collections::BTreeMap<String, Pos> =
@@ -568,19 +568,6 @@ fn retention_compacts_history() {
     )
     .err(404, "ENOTXID");
     m.commit(&api, "g", 2, &[(1, page(512, 1))]);
-}
-
-/// A fake SQLite file of `pages` 4 KiB pages, each different (enough for `POST /db/upload`).
-fn fake_sqlite(pages: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(pages as usize * 4096);
-    for p in 0..pages {
-        out.extend((0..4096u32).map(|i| (i.wrapping_mul(31) ^ p.wrapping_mul(7919)) as u8));
-    }
-    out[..16].copy_from_slice(b"SQLite format 3\0");
-    out[16..18].copy_from_slice(&4096u16.to_be_bytes());
-    out[18] = 1;
-    out[19] = 1;
-    out
 }
 
 /// Polls `cond` until it holds (true) or a generous deadline passes (false). Not a timing

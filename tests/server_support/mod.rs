@@ -549,6 +549,19 @@ impl Api {
     }
 }
 
+/// A fake SQLite file of `pages` 4 KiB pages, each different (enough for `POST /db/upload`).
+pub fn fake_sqlite(pages: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pages as usize * 4096);
+    for p in 0..pages {
+        out.extend((0..4096u32).map(|i| (i.wrapping_mul(31) ^ p.wrapping_mul(7919)) as u8));
+    }
+    out[..16].copy_from_slice(b"SQLite format 3\0");
+    out[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    out[18] = 1;
+    out[19] = 1;
+    out
+}
+
 /// A page filled with one byte.
 pub fn page(ps: u32, byte: u8) -> Vec<u8> {
     vec![byte; ps as usize]
