@@ -197,9 +197,6 @@ pub(super) struct ImageReader<'a> {
     queue: std::collections::VecDeque<(u32, u64, Vec<u8>)>,
 }
 
-/// Page bytes one batch of [`ImageReader`] fetches at most.
-const IMAGE_BATCH_BYTES: usize = 8 << 20;
-
 impl<'a> ImageReader<'a> {
     pub fn new(tx: &'a Connection, db_id: i64, txn: &'a TxnRow, fetch: &'a dyn Fetch) -> Self {
         ImageReader {
@@ -229,7 +226,7 @@ impl<'a> ImageReader<'a> {
         self.queue.clear();
         let t = self.txn;
         let lock = lock_page(t.page_size);
-        let n = (IMAGE_BATCH_BYTES / t.page_size as usize).max(1) as u32;
+        let n = (self.fetch.batch_bytes() / t.page_size as usize).max(1) as u32;
         let end = from
             .saturating_add(n)
             .min(t.commit.saturating_add(1))

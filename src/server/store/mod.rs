@@ -567,6 +567,11 @@ pub(crate) trait Fetch {
     fn batch(&self, tx: &Connection, db_id: i64, vs: &[Version]) -> StoreResult<Vec<Vec<u8>>> {
         vs.iter().map(|v| self.bytes(tx, db_id, v)).collect()
     }
+
+    /// Page bytes worth reading ahead in one batch of a sequential read.
+    fn batch_bytes(&self) -> usize {
+        256 << 10
+    }
 }
 
 /// Local mode: every version's bytes are in `store.db`.

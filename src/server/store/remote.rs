@@ -874,6 +874,11 @@ impl Fetch for RemoteBytes<'_> {
         Ok(out.pop().expect("one page"))
     }
 
+    /// A whole range GET's worth: sequential reads from the bucket are request-bound.
+    fn batch_bytes(&self) -> usize {
+        MAX_RANGE as usize
+    }
+
     fn batch(&self, tx: &Connection, db_id: i64, vs: &[Version]) -> StoreResult<Vec<Vec<u8>>> {
         let mut out: Vec<Option<Vec<u8>>> = vec![None; vs.len()];
         let mut remote: Vec<(usize, Loc)> = Vec::new();

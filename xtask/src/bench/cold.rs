@@ -31,17 +31,19 @@ pub fn download_metric(delay: u64) -> String {
 
 /// What one cold query cost on the litevfs side.
 #[derive(Default)]
-struct Cost {
-    ms: Vec<f64>,
-    open_ms: Vec<f64>,
-    requests: Vec<f64>,
-    page_requests: Vec<f64>,
-    pages: Vec<f64>,
-    kib: Vec<f64>,
-    vfs_requests: Vec<f64>,
-    hwm_kb: Vec<f64>,
+pub struct Cost {
+    pub ms: Vec<f64>,
+    pub open_ms: Vec<f64>,
+    pub requests: Vec<f64>,
+    pub page_requests: Vec<f64>,
+    pub pages: Vec<f64>,
+    pub kib: Vec<f64>,
+    pub vfs_requests: Vec<f64>,
+    pub hwm_kb: Vec<f64>,
+    /// GETs to the object store (`--store` only).
+    pub bucket_gets: Vec<f64>,
     /// Requests by route of the first repetition.
-    routes: String,
+    pub routes: String,
 }
 
 pub fn run(
@@ -173,14 +175,14 @@ fn cost_rows(rep: &mut Report, what: &str, delay: u64, c: &Cost, primary: bool) 
 }
 
 /// A fresh plain-SQLite process runs `q` once: (open + query ms, peak RSS kB).
-fn plain_once(ctx: &Ctx, db: &DbFile, q: &str) -> Result<(f64, f64), Error> {
+pub fn plain_once(ctx: &Ctx, db: &DbFile, q: &str) -> Result<(f64, f64), Error> {
     let (mut s, open) = ctx.drv.plain(&db.path)?;
     let ms = open.num("open_ms")? + s.cmd(q)?.num("ms")?;
     Ok((ms, s.cmd("rss")?.num("hwm_kb")?))
 }
 
 /// A fresh litevfs process with an empty cache runs `q` once; adds what it cost to `c`.
-fn litevfs_once(
+pub fn litevfs_once(
     ctx: &Ctx,
     url: &str,
     cache: &std::path::Path,
@@ -202,6 +204,7 @@ fn litevfs_once(
         c.routes = m1.routes_since(&m0);
     }
     c.pages.push(m1.pages - m0.pages);
+    c.bucket_gets.push(m1.bucket_gets - m0.bucket_gets);
     c.kib.push((m1.bytes - m0.bytes) / 1024.0);
     if let Some(v) = stats.and_then(|st| st.find_num(&["request", "req"])) {
         c.vfs_requests.push(v);

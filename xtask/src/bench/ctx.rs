@@ -292,6 +292,8 @@ pub struct Metrics {
     pub requests: f64,
     pub pages: f64,
     pub bytes: f64,
+    /// GETs to the object store (whole objects and ranges; `--store` only).
+    pub bucket_gets: f64,
     /// Requests by `METHOD route`, all routes but `/metrics`.
     pub routes: std::collections::BTreeMap<String, f64>,
 }
@@ -363,6 +365,10 @@ fn parse_metrics(body: &str) -> Metrics {
             m.pages = v;
         } else if name == "litevfs_page_bytes_served_total" {
             m.bytes = v;
+        } else if name.starts_with("litevfs_bucket_requests_total")
+            && matches!(label(name, "op"), "get" | "get_range")
+        {
+            m.bucket_gets += v;
         }
     }
     m
@@ -376,9 +382,13 @@ mod tests {
             "# TYPE x counter\nlitevfs_http_requests_total{route=\"/db/page\",method=\"GET\",status=\"200\"} 3\n\
              litevfs_http_requests_total{route=\"/metrics\",method=\"GET\",status=\"200\"} 9\n\
              litevfs_http_requests_total{route=\"/pos\",method=\"GET\",status=\"200\"} 1\n\
-             litevfs_pages_served_total 12\nlitevfs_page_bytes_served_total 49152\n",
+             litevfs_pages_served_total 12\nlitevfs_page_bytes_served_total 49152\n\
+             litevfs_bucket_requests_total{op=\"get\",result=\"ok\"} 2\n\
+             litevfs_bucket_requests_total{op=\"get_range\",result=\"not_found\"} 1\n\
+             litevfs_bucket_requests_total{op=\"put_create\",result=\"ok\"} 5\n",
         );
         assert_eq!((m.requests, m.pages, m.bytes), (4.0, 12.0, 49152.0));
+        assert_eq!(m.bucket_gets, 3.0);
         assert_eq!(
             m.routes_since(&super::Metrics::default()),
             "GET /db/page 3, GET /pos 1"

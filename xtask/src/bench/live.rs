@@ -31,6 +31,21 @@ pub fn visibility(
     url: Option<&str>,
     rep: &mut Report,
 ) -> Result<(), Error> {
+    visibility_as(ctx, db, url.map(|u| (u, u)), rep, VIS, "", 0)
+}
+
+/// Change visibility with the writer on one page store and the reader on another (the same
+/// one for workload 3); rows go to `group`, their names end with `label`.
+pub fn visibility_as(
+    ctx: &Ctx,
+    db: &DbFile,
+    urls: Option<(&str, &str)>,
+    rep: &mut Report,
+    group: &'static str,
+    label: &str,
+    ids_from: i64,
+) -> Result<(), Error> {
+    let url = urls;
     let rounds = 2u64;
     let n = ctx.p.vis_commits / rounds;
     let (mut plain, mut lv) = (vec![], vec![]);
@@ -41,13 +56,14 @@ pub fn visibility(
         ))
     });
     for round in 0..rounds {
-        let base = 1_000_000 * (round as i64 + 1);
+        // Row ids of this round: above every id an earlier round (of any workload) wrote.
+        let base = ids_from + 1_000_000 * (round as i64 + 1);
         let (mut r, _) = ctx.drv.plain(&db.path)?;
         let (mut w, _) = ctx.drv.plain(&db.path)?;
         w.cmd(PLAIN_DURABLE)?;
         plain.extend(latencies(ctx, &mut r, &mut w, n, base)?);
-        if let (Some(u), None) = (url, &lv_err) {
-            match litevfs_round(ctx, u, round, n, base) {
+        if let (Some((wu, ru)), None) = (url, &lv_err) {
+            match litevfs_round(ctx, wu, ru, round, n, base) {
                 Ok(v) => lv.extend(v),
                 Err(e) => lv_err = Some(e),
             }
@@ -57,40 +73,57 @@ pub fn visibility(
     let pct = |s: &Option<Summary>, q: f64| s.as_ref().map(|s| Summary::one(s.percentile(q)));
     let max = |s: &Option<Summary>| s.as_ref().map(|s| Summary::one(s.max()));
     rep.row(
-        VIS,
-        &format!("{LATENCY} p50"),
+        group,
+        &format!("{LATENCY} p50{label}"),
         "ms",
         pct(&ps, 50.0),
         pct(&ls, 50.0),
     );
     rep.row(
-        VIS,
-        &format!("{LATENCY} p99"),
+        group,
+        &format!("{LATENCY} p99{label}"),
         "ms",
         pct(&ps, 99.0),
         pct(&ls, 99.0),
     );
-    rep.row(VIS, &format!("{LATENCY} max"), "ms", max(&ps), max(&ls));
     rep.row(
-        VIS,
-        &format!("{LATENCY}, all {} commits", ctx.p.vis_commits),
+        group,
+        &format!("{LATENCY} max{label}"),
+        "ms",
+        max(&ps),
+        max(&ls),
+    );
+    rep.row(
+        group,
+        &format!("{LATENCY}, all {} commits{label}", ctx.p.vis_commits),
         "ms",
         ps,
         ls,
     );
     if let Some(e) = lv_err {
-        rep.fail(VIS, format!("litevfs side: {e}"));
+        rep.fail(group, format!("litevfs side: {e}"));
     }
     Ok(())
 }
 
-fn litevfs_round(ctx: &Ctx, url: &str, round: u64, n: u64, base: i64) -> Result<Vec<f64>, Error> {
-    let (mut r, _) = ctx
-        .drv
-        .litevfs("vis", url, &ctx.dir(&format!("cache-vis-r{round}")))?;
-    let (mut w, _) = ctx
-        .drv
-        .litevfs("vis", url, &ctx.dir(&format!("cache-vis-w{round}")))?;
+fn litevfs_round(
+    ctx: &Ctx,
+    writer_url: &str,
+    reader_url: &str,
+    round: u64,
+    n: u64,
+    base: i64,
+) -> Result<Vec<f64>, Error> {
+    let (mut r, _) = ctx.drv.litevfs(
+        "vis",
+        reader_url,
+        &ctx.dir(&format!("cache-vis-r{round}-{}", rand_tag(reader_url))),
+    )?;
+    let (mut w, _) = ctx.drv.litevfs(
+        "vis",
+        writer_url,
+        &ctx.dir(&format!("cache-vis-w{round}-{}", rand_tag(writer_url))),
+    )?;
     w.cmd("pragma litevfs_acquire_lease")?;
     let v = latencies(ctx, &mut r, &mut w, n, base)?;
     w.cmd("pragma litevfs_release_lease")?;
@@ -144,17 +177,38 @@ fn latencies(
         .collect())
 }
 
+/// A cache directory name part that differs between page stores (their ports).
+fn rand_tag(url: &str) -> String {
+    url.rsplit(':').next().unwrap_or("0").to_string()
+}
+
 pub fn commits(ctx: &Ctx, db: &DbFile, url: Option<&str>, rep: &mut Report) -> Result<(), Error> {
+    commits_as(ctx, db, url, rep, COMMITS, "")
+}
+
+/// The commit rate; rows go to `group`, their names end with `label`.
+pub fn commits_as(
+    ctx: &Ctx,
+    db: &DbFile,
+    url: Option<&str>,
+    rep: &mut Report,
+    group: &'static str,
+    label: &str,
+) -> Result<(), Error> {
     let (mut plain, _) = ctx.drv.plain(&db.path)?;
     plain.cmd(PLAIN_DURABLE)?;
     let mut lv = match url {
-        Some(u) => Side::from(ctx.drv.litevfs("commits", u, &ctx.dir("cache-commits"))),
+        Some(u) => Side::from(ctx.drv.litevfs(
+            "commits",
+            u,
+            &ctx.dir(&format!("cache-commits-{}", rand_tag(u))),
+        )),
         None => Side::off(ctx.lv_missing.as_deref().unwrap_or("?")),
     };
     lv.run(|s| s.cmd("pragma litevfs_acquire_lease"));
     if let Some(j) = lv.run(|s| s.cmd("pragma journal_mode")) {
         rep.notes
-            .push(format!("workload 4: litevfs journal mode: {}", j.text()));
+            .push(format!("{group}: litevfs journal mode: {}", j.text()));
     }
     plain.cmd("commits 20")?;
     lv.num("commits 20", "tps");
@@ -171,14 +225,14 @@ pub fn commits(ctx: &Ctx, db: &DbFile, url: Option<&str>, rep: &mut Report) -> R
     }
     lv.run(|s| s.cmd("pragma litevfs_release_lease"));
     rep.row(
-        COMMITS,
-        &format!("{TPS} ({n} per rep)"),
+        group,
+        &format!("{TPS} ({n} per rep){label}"),
         "tx/s",
         Summary::of(p),
         Summary::of(l),
     );
     if let Some(e) = lv.err {
-        rep.fail(COMMITS, format!("litevfs side: {e}"));
+        rep.fail(group, format!("litevfs side: {e}"));
     }
     Ok(())
 }

@@ -5,12 +5,14 @@
 //! dir, and runs the workloads in phases, each against a fresh `litevfs serve` on loopback (one
 //! data directory, so peak server RSS is per phase): bulk import/export (which also loads the
 //! store), warm reads, change visibility and commits, then cold reads without and with the
-//! per-request delay. Prints a table and the targets; writes JSON with `--json`.
+//! per-request delay, then object storage (`--store s3://` on moto). Prints a table and the
+//! targets; writes JSON with `--json`.
 //!
 //! A workload that cannot be measured (the extension or the server missing or failing) is
 //! named with its reason and makes the command exit non-zero; the plain side still runs. An
 //! unmet target is reported, never a failure. No timing here is an assertion in a test.
 
+mod bucket;
 mod bulk;
 mod cold;
 mod ctx;
@@ -71,8 +73,10 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         unsafe { std::env::set_var("RUST_LOG", "warn") };
     }
     let t0 = Instant::now();
-    setup::ensure_system(false)?;
+    // Python too: workload 7 runs moto's S3 server from the project's .venv.
+    setup::ensure_system(true)?;
     let art = setup::build_release()?;
+    let py = setup::ensure_venv()?;
     let drv = Driver {
         bin: setup::target_dir().join("release/examples/bench_driver"),
         ext: art.ext.clone(),
@@ -101,7 +105,7 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         work: work.clone(),
         lv_missing: None,
     };
-    let result = phases(&mut c, &mut rep);
+    let result = phases(&mut c, &mut rep, &py);
     drop(c);
     let _ = std::fs::remove_dir_all(&work);
     let facts = result?;
@@ -140,7 +144,7 @@ pub fn run(args: &[String]) -> Result<(), Error> {
 }
 
 /// Generates the databases, then runs every phase; returns what the targets need.
-fn phases(c: &mut Ctx, rep: &mut Report) -> Result<targets::Facts, Error> {
+fn phases(c: &mut Ctx, rep: &mut Report, py: &std::path::Path) -> Result<targets::Facts, Error> {
     let need = (c.p.big_rows * (c.p.big_payload + 40)) * 6 + (512 << 20);
     let free = ctx::free_bytes(&c.work)?;
     println!(
@@ -186,6 +190,7 @@ fn phases(c: &mut Ctx, rep: &mut Report) -> Result<targets::Facts, Error> {
     phase_warm(c, rep, &warm, &vis, &commits)?;
     phase_cold(c, rep, &big, 0)?;
     phase_cold(c, rep, &big, c.p.delay_ms)?;
+    phase_bucket(c, rep, py, (&vis, &commits, &big));
     Ok(targets::Facts {
         big_depth: big.depth,
         warm_bytes: warm.bytes,
@@ -303,4 +308,20 @@ fn phase_cold(c: &mut Ctx, rep: &mut Report, big: &DbFile, delay: u64) -> Result
         server_rss(rep, &s, &m);
     }
     Ok(())
+}
+
+fn phase_bucket(
+    c: &mut Ctx,
+    rep: &mut Report,
+    py: &std::path::Path,
+    dbs: (&DbFile, &DbFile, &DbFile),
+) {
+    println!("\n==> phase: workload 7 (object storage: --store s3:// on moto, two servers)");
+    if let Some(why) = &c.lv_missing {
+        rep.fail(bucket::NAME, format!("not run: {why}"));
+        return;
+    }
+    if let Err(e) = bucket::run(c, py, dbs, rep) {
+        rep.fail(bucket::NAME, e);
+    }
 }
