@@ -770,3 +770,29 @@ fn kill_9_of_either_server_loses_nothing() {
     let snap = fresh.api().snapshot("k");
     assert_eq!(snap.trailer.post_apply_checksum, m.checksum());
 }
+
+/// An S3-compatible service that ignores conditional writes would let two servers both commit
+/// one TXID: the server checks at start and refuses to run on one. (S3 only: the proxy strips
+/// the conditions from the requests.)
+#[test]
+fn a_store_without_conditional_writes_is_refused() {
+    use server_support::proxy::{Mode, Proxy};
+    server_support::with_backend(Backend::S3, || {
+        let m0 = server_support::moto();
+        let proxy = Proxy::start(m0.endpoint.strip_prefix("http://").unwrap());
+        proxy.set(Mode::StripConditions);
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let (store, env) = server_support::store_args_via(&data, Some(&proxy.url()));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_litevfs"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(&store)
+            .envs(env)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("does not honour create-if-absent"), "{err}");
+    });
+}

@@ -18,6 +18,9 @@ pub enum Mode {
     /// Forwards everything, except that the reply to a commit (a `PUT` of an `l0/` object) is
     /// dropped and the connection closed: the commit lands, its reply never arrives.
     LoseCommitReplies,
+    /// Forwards everything but the conditions of writes (`If-None-Match`, `If-Match` request
+    /// headers): an S3-compatible service that ignores them.
+    StripConditions,
 }
 
 impl Mode {
@@ -26,6 +29,7 @@ impl Mode {
             Mode::Up => 0,
             Mode::Refuse => 1,
             Mode::LoseCommitReplies => 2,
+            Mode::StripConditions => 3,
         }
     }
 
@@ -33,6 +37,7 @@ impl Mode {
         match c {
             1 => Mode::Refuse,
             2 => Mode::LoseCommitReplies,
+            3 => Mode::StripConditions,
             _ => Mode::Up,
         }
     }
@@ -139,12 +144,35 @@ fn pump_requests(
         {
             lose.store(true, Ordering::SeqCst);
         }
-        if to.write_all(&buf[..n]).is_err() {
+        let out = if Mode::of(mode.load(Ordering::SeqCst)) == Mode::StripConditions {
+            strip_conditions(&buf[..n])
+        } else {
+            buf[..n].to_vec()
+        };
+        if to.write_all(&out).is_err() {
             break;
         }
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Drops `If-None-Match` and `If-Match` header lines from a chunk that holds a request head.
+fn strip_conditions(chunk: &[u8]) -> Vec<u8> {
+    let Some(end) = chunk.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return chunk.to_vec();
+    };
+    let head = String::from_utf8_lossy(&chunk[..end]);
+    let kept: Vec<&str> = head
+        .split("\r\n")
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            !l.starts_with("if-none-match:") && !l.starts_with("if-match:")
+        })
+        .collect();
+    let mut out = kept.join("\r\n").into_bytes();
+    out.extend_from_slice(&chunk[end..]);
+    out
 }
 
 /// Copies replies back, unless the request was a commit whose reply is to be lost: then both

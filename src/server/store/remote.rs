@@ -162,6 +162,7 @@ impl Drop for WatchGuard {
 impl Remote {
     /// Opens bucket mode: reads (or creates) the store's identity object.
     pub fn open(bucket: Arc<Bucket>, cfg: RemoteConfig) -> StoreResult<Remote> {
+        check_conditional_writes(&bucket)?;
         let store_id = store_identity(&bucket)?;
         let leases = BucketLeases::new(bucket.clone(), cfg.max_skew);
         Ok(Remote {
@@ -333,6 +334,42 @@ impl Remote {
     fn take_stash(&self) -> Stash {
         std::mem::take(&mut *self.stash.lock().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// Refuses an object store that does not honour conditional writes: a create of an existing key
+/// and an update with a stale ETag must both fail, or two servers could both commit one TXID.
+/// Costs three PUTs, one GET and one DELETE at start.
+fn check_conditional_writes(bucket: &Bucket) -> StoreResult<()> {
+    let key = format!("probe/{:016x}", layout::nonce());
+    let unsupported = |what: &str| {
+        StoreError::Mode(format!(
+            "the object store {} does not honour {what}: litevfs needs conditional writes \
+             (PUT with If-None-Match: * and with If-Match) to keep commits from colliding",
+            bucket.url()
+        ))
+    };
+    let first = bucket.put_create(&key, b"1".to_vec())?;
+    let result = (|| {
+        let Cas::Done(etag) = first else {
+            return Err(unsupported(
+                "create-if-absent (a fresh key already existed)",
+            ));
+        };
+        if bucket.put_create(&key, b"2".to_vec())? != Cas::Lost {
+            return Err(unsupported("create-if-absent (If-None-Match: *)"));
+        }
+        let got = bucket
+            .get(&key)?
+            .ok_or_else(|| unsupported("reads after writes"))?;
+        let etag = got.etag.or(etag).ok_or_else(|| unsupported("ETags"))?;
+        let stale = format!("{etag}-stale");
+        if bucket.put_update(&key, b"3".to_vec(), &stale)? != Cas::Lost {
+            return Err(unsupported("compare-and-swap (If-Match)"));
+        }
+        Ok(())
+    })();
+    let _ = bucket.delete(&key);
+    result
 }
 
 /// The store's identity in the bucket (`store.json`), created by the first server.
