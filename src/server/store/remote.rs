@@ -1236,6 +1236,26 @@ impl Store {
             r.pruned
                 .fetch_add(done.pruned, std::sync::atomic::Ordering::Relaxed);
         }
+        // Objects the manifest no longer lists and no row points into (their versions were
+        // re-pointed to the segment or image that merged them).
+        let listed: std::collections::HashSet<&str> = m.listed().map(|o| o.key.as_str()).collect();
+        self.write(|tx| {
+            let unused: Vec<(i64, String)> = tx
+                .prepare(
+                    "SELECT id, key FROM objects WHERE db_id = ?1
+                       AND id NOT IN (SELECT obj FROM bases WHERE db_id = ?1)
+                       AND id NOT IN (SELECT DISTINCT obj FROM pages
+                                      WHERE db_id = ?1 AND obj IS NOT NULL)",
+                )?
+                .query_map([db_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (id, key) in unused {
+                if !listed.contains(key.as_str()) {
+                    tx.execute("DELETE FROM objects WHERE id = ?1", [id])?;
+                }
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
