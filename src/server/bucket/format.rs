@@ -229,21 +229,26 @@ impl Header {
                 self.txns, self.min_txid, self.max_txid
             ));
         }
-        let expect = Header::new(
-            self.kind,
-            self.level,
-            self.page_size,
-            self.txns,
-            self.slots,
-            (self.min_txid, self.max_txid),
-            self.nonce,
-            self.lease_epoch,
-            self.len.saturating_sub(self.data_offset),
-        );
-        if (expect.index_len, expect.data_offset) != (self.index_len, self.data_offset)
-            || (self.kind != Kind::Pointer && expect.len != self.len)
-        {
-            return bad("lengths do not match the counts".into());
+        // Checked arithmetic: the header comes from the bucket, not from this code.
+        let lengths = (|| {
+            let entries = self.slots.checked_mul(self.kind.entry_size() as u64)?;
+            let index = (u64::from(self.txns) * TXN_RECORD_SIZE as u64)
+                .checked_add(entries)?
+                .checked_add(8)?;
+            let data = (HEADER_SIZE as u64).checked_add(index)?;
+            let len = match self.kind {
+                Kind::Pointer => data.checked_add(self.len.checked_sub(data)?)?,
+                _ => data.checked_add(self.slots.checked_mul(u64::from(self.page_size))?)?,
+            };
+            Some((index, data, len))
+        })();
+        match lengths {
+            Some((index, data, len))
+                if (index, data, len) == (self.index_len, self.data_offset, self.len) => {}
+            _ => return bad("lengths do not match the counts".into()),
+        }
+        if self.kind == Kind::Pointer && (self.slots != 0 || self.len - self.data_offset > 1024) {
+            return bad("pointer with slots, or a key over 1 KiB".into());
         }
         Ok(())
     }
@@ -504,6 +509,29 @@ mod tests {
         let mut other = h.encode();
         other[0] = b'X';
         assert_eq!(Header::decode(&other), Err(FormatError::Magic));
+    }
+
+    #[test]
+    fn absurd_headers_are_refused_not_panicked_on() {
+        let mut h = Header::new(Kind::Pages, 0, 512, 1, 2, (1, 1), 1, 0, 0);
+        h.slots = u64::MAX / 3;
+        assert!(matches!(
+            Header::decode(&h.encode()),
+            Err(FormatError::Invalid(_))
+        ));
+        let mut p = Header::new(Kind::Pointer, 0, 512, 1, 0, (1, 1), 1, 0, 20);
+        p.len = p.data_offset - 1;
+        assert!(matches!(
+            Header::decode(&p.encode()),
+            Err(FormatError::Invalid(_))
+        ));
+        p.len = p.data_offset + 5000;
+        assert!(matches!(
+            Header::decode(&p.encode()),
+            Err(FormatError::Invalid(_))
+        ));
+        let ok = Header::new(Kind::Pointer, 0, 512, 1, 0, (1, 1), 1, 0, 20);
+        assert_eq!(Header::decode(&ok.encode()), Ok(ok));
     }
 
     #[test]

@@ -97,10 +97,7 @@ impl BucketLeases {
     fn write(&self, key: &DbKey, obj: &LeaseObj, etag: Option<&str>) -> StoreResult<bool> {
         let bytes = serde_json::to_vec(obj).expect("a lease serialises");
         let rel = layout::lease(key);
-        let r = match etag {
-            None => self.bucket.put_create(&rel, bytes)?,
-            Some(e) => self.bucket.put_update(&rel, bytes, e)?,
-        };
+        let r = self.bucket.put_settled(&rel, bytes, etag)?;
         Ok(matches!(r, Cas::Done(_)))
     }
 
@@ -189,20 +186,30 @@ impl BucketLeases {
         }
     }
 
-    /// Ends any lease on a deleted database (the epoch is kept, so it still only grows).
+    /// Ends any lease on a deleted database (the epoch is kept, so it still only grows), by
+    /// compare-and-swap: a lease taken meanwhile through another server is ended too, never
+    /// replaced by an older one.
     pub fn remove(&self, key: &DbKey) -> StoreResult<()> {
         self.local
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
-        if let Some((mut obj, _)) = self.read(key)?
-            && !obj.released
-        {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((mut obj, etag)) = self.read(key)? else {
+                return Ok(());
+            };
+            if obj.released {
+                return Ok(());
+            }
             obj.released = true;
-            let bytes = serde_json::to_vec(&obj).expect("a lease serialises");
-            self.bucket.put(&layout::lease(key), bytes)?;
+            if self.write(key, &obj, Some(&etag))? {
+                return Ok(());
+            }
         }
-        Ok(())
+        Err(StoreError::Unavailable(format!(
+            "the lease of {:?} keeps changing",
+            key.name
+        )))
     }
 
     /// Databases with a lease granted or renewed through this server that has not expired.

@@ -51,6 +51,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Transient failures of idempotent requests are retried for at most this long.
 const RETRY_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a settled conditional write keeps trying.
+const SETTLE_WRITES: Duration = Duration::from_secs(8);
 /// Part size of multipart uploads (S3's minimum is 5 MiB).
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload in flight at once.
@@ -164,6 +166,9 @@ fn outcome(e: &object_store::Error) -> &'static str {
 /// The bucket: an object store, the key prefix of this layout, and the runtime its calls run on.
 pub struct Bucket {
     inner: Arc<dyn ObjectStore>,
+    /// The same store without retries, for conditional writes: their callers retry and settle
+    /// ambiguous outcomes themselves, which needs every attempt visible.
+    once: Arc<dyn ObjectStore>,
     /// `PREFIX/v1` (no leading or trailing `/`), or `v1`.
     root: String,
     url: String,
@@ -182,13 +187,18 @@ impl Bucket {
     /// Connects to the bucket named by `cfg.url`. Makes no request: the first operation does.
     pub fn open(cfg: &BucketConfig, rt: tokio::runtime::Handle) -> BucketResult<Bucket> {
         let bad = |why: &str| BucketError::Config(cfg.url.clone(), why.to_string());
-        let (inner, prefix, cas_lock): (Arc<dyn ObjectStore>, String, Option<PathBuf>) =
+        type Stores = (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>);
+        let ((inner, once), prefix, cas_lock): (Stores, String, Option<PathBuf>) =
             if let Some(rest) = cfg.url.strip_prefix("s3://") {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
                 if bucket.is_empty() {
                     return Err(bad("no bucket name (use s3://BUCKET/PREFIX)"));
                 }
-                (Arc::new(s3(cfg, bucket)?), prefix.to_string(), None)
+                let stores: Stores = (
+                    Arc::new(s3(cfg, bucket, true)?),
+                    Arc::new(s3(cfg, bucket, false)?),
+                );
+                (stores, prefix.to_string(), None)
             } else if let Some(dir) = cfg.url.strip_prefix("file://") {
                 if dir.is_empty() {
                     return Err(bad("no directory (use file:///absolute/dir or file://dir)"));
@@ -199,8 +209,9 @@ impl Bucket {
                     .map_err(|e| bad(&e.to_string()))?
                     .with_fsync(true)
                     .with_automatic_cleanup(true);
+                let fs: Arc<dyn ObjectStore> = Arc::new(fs);
                 (
-                    Arc::new(fs),
+                    (fs.clone(), fs),
                     String::new(),
                     Some(dir.join(".litevfs-cas.lock")),
                 )
@@ -218,6 +229,7 @@ impl Bucket {
         };
         Ok(Bucket {
             inner,
+            once,
             root,
             url: cfg.url.clone(),
             rt,
@@ -367,7 +379,7 @@ impl Bucket {
         let n = bytes.len() as u64;
         let key = self.key(rel);
         let opts = PutOptions::from(PutMode::Create);
-        match self.run(self.inner.put_opts(&key, PutPayload::from(bytes), opts)) {
+        match self.run(self.once.put_opts(&key, PutPayload::from(bytes), opts)) {
             Ok(r) => {
                 self.metrics.count("put_create", "ok");
                 self.wrote_bytes(n);
@@ -396,7 +408,7 @@ impl Bucket {
                     e_tag: Some(etag.to_string()),
                     version: None,
                 }));
-                self.run(self.inner.put_opts(&key, PutPayload::from(bytes), opts))
+                self.run(self.once.put_opts(&key, PutPayload::from(bytes), opts))
                     .map(|r| r.e_tag)
             }
         };
@@ -416,6 +428,41 @@ impl Bucket {
                 self.metrics.count("put_update", outcome(&e));
                 Err(self.err("PUT (update)", rel, e))
             }
+        }
+    }
+
+    /// A conditional write (create if `etag` is `None`, else compare-and-swap) whose outcome is
+    /// settled: when the condition fails or the request fails, the object is read back, and if
+    /// it holds exactly `bytes` the write happened (a reply was lost, or a retry found its own
+    /// earlier attempt). Failed requests are retried for a few seconds. Use for objects whose
+    /// bytes are unique to the writer (manifests, leases).
+    pub fn put_settled(&self, rel: &str, bytes: Vec<u8>, etag: Option<&str>) -> BucketResult<Cas> {
+        let deadline = std::time::Instant::now() + SETTLE_WRITES;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let attempt = match etag {
+                None => self.put_create(rel, bytes.clone()),
+                Some(e) => self.put_update(rel, bytes.clone(), e),
+            };
+            let failed = match attempt {
+                Ok(Cas::Done(e)) => return Ok(Cas::Done(e)),
+                Ok(Cas::Lost) => None,
+                Err(e) => Some(e),
+            };
+            match self.get(rel) {
+                Ok(Some(got)) if got.bytes[..] == bytes[..] => return Ok(Cas::Done(got.etag)),
+                Ok(_) if failed.is_none() => return Ok(Cas::Lost),
+                _ => {}
+            }
+            if std::time::Instant::now() + backoff > deadline {
+                return Err(failed.unwrap_or_else(|| {
+                    BucketError::Io(io::Error::other(format!(
+                        "could not read back {rel} after a conditional write"
+                    )))
+                }));
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -601,7 +648,15 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn s3(cfg: &BucketConfig, bucket: &str) -> BucketResult<object_store::aws::AmazonS3> {
+/// Timeout of one conditional write (without retries: bounded, so a commit's outcome is
+/// settled within a known time; see `--gc-grace`).
+pub const CONDITIONAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn s3(
+    cfg: &BucketConfig,
+    bucket: &str,
+    retries: bool,
+) -> BucketResult<object_store::aws::AmazonS3> {
     use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
     use object_store::{BackoffConfig, ClientOptions, RetryConfig};
     install_crypto_provider();
@@ -615,7 +670,11 @@ fn s3(cfg: &BucketConfig, bucket: &str) -> BucketResult<object_store::aws::Amazo
         .with_virtual_hosted_style_request(!cfg.path_style)
         .with_client_options(
             ClientOptions::new()
-                .with_timeout(REQUEST_TIMEOUT)
+                .with_timeout(if retries {
+                    REQUEST_TIMEOUT
+                } else {
+                    CONDITIONAL_TIMEOUT
+                })
                 .with_connect_timeout(CONNECT_TIMEOUT)
                 .with_allow_http(http),
         )
@@ -625,7 +684,7 @@ fn s3(cfg: &BucketConfig, bucket: &str) -> BucketResult<object_store::aws::Amazo
                 max_backoff: Duration::from_secs(2),
                 base: 2.0,
             },
-            max_retries: 4,
+            max_retries: if retries { 4 } else { 0 },
             retry_timeout: RETRY_TIMEOUT,
         });
     if let Some(r) = &cfg.region {

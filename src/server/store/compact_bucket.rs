@@ -137,6 +137,7 @@ impl Store {
                 &m.generation,
                 &layout::l0(first.min_txid),
                 0,
+                false,
                 &self.tmp_dir,
             )?;
             let Some(l) = l else {
@@ -158,7 +159,7 @@ impl Store {
             for (t, _) in &commits {
                 let rel = layout::l0(t.min_txid);
                 let l = r
-                    .load(key, &m.generation, &rel, 0, &self.tmp_dir)?
+                    .load(key, &m.generation, &rel, 0, false, &self.tmp_dir)?
                     .ok_or_else(|| StoreError::Stale(format!("{rel} is missing")))?;
                 if l.rel != rel {
                     also.push(rel);
@@ -391,13 +392,10 @@ impl Store {
         }
         let won = r
             .bucket
-            .put_update(&layout::manifest(key), next.encode(), etag)?;
+            .put_settled(&layout::manifest(key), next.encode(), Some(etag))?;
         if won == Cas::Lost {
-            if let Some(k) = written {
-                let _ = r
-                    .bucket
-                    .delete(&layout::in_generation(key, &m.generation, &k));
-            }
+            // What this step wrote stays: a manifest written meanwhile by a server that read
+            // ours could name it. The orphan sweep deletes it once nothing does.
             return Ok(false);
         }
         let st = r.db(key);
@@ -416,7 +414,7 @@ impl Store {
     ) -> StoreResult<Vec<String>> {
         let rel = layout::l0(c.min_txid);
         let mut out = vec![rel.clone()];
-        if let Some(l) = r.load(key, &m.generation, &rel, 0, &self.tmp_dir)?
+        if let Some(l) = r.load(key, &m.generation, &rel, 0, false, &self.tmp_dir)?
             && l.rel != rel
         {
             out.push(l.rel);
@@ -471,7 +469,7 @@ impl Store {
             next.dead_generations.retain(|g| !dead.contains(&g.key));
             next.updated_ms = now_ms();
             r.bucket
-                .put_update(&layout::manifest(key), next.encode(), etag)?;
+                .put_settled(&layout::manifest(key), next.encode(), Some(etag))?;
         }
         Ok(m.dead_generations.len() > dead.len())
     }
@@ -521,7 +519,7 @@ impl Store {
         let mut loaded: Vec<Loaded> = Vec::new();
         for s in sources {
             let l = r
-                .load(key, gn, &s.key, s.index_len, &self.tmp_dir)?
+                .load(key, gn, &s.key, s.index_len, false, &self.tmp_dir)?
                 .ok_or_else(|| StoreError::Stale(format!("{} is missing", s.key)))?;
             if l.header.kind != Kind::Pages {
                 return Err(StoreError::Corrupt(format!("{} is not a segment", s.key)));

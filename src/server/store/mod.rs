@@ -134,6 +134,9 @@ impl TxnRow {
     }
 }
 
+/// Version of the bucket-mode cache in `store.db` (a change discards older caches).
+const CACHE_FORMAT: u32 = 2;
+
 /// Most read connections kept open for reuse.
 const READER_POOL: usize = 8;
 
@@ -186,7 +189,9 @@ impl Store {
         std::fs::create_dir_all(&tmp_dir)?;
         let path = data_dir.join("store.db");
         let mode = match &remote {
-            Some(r) => format!("bucket {} {}", r.bucket.url(), r.store_id),
+            // The cache's format version, the bucket and its identity: a cache of anything
+            // else is discarded.
+            Some(r) => format!("bucket:{CACHE_FORMAT} {} {}", r.bucket.url(), r.store_id),
             None => "local".to_string(),
         };
         if schema::check_mode(&path, &mode, data_dir)? == schema::ModeCheck::Discard {

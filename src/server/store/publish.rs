@@ -12,7 +12,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use super::remote::{Loaded, Need, Remote, RemoteBytes, ingest};
+use super::remote::{Loaded, Remote, RemoteBytes, ingest};
 use super::verify::{self, PageSink};
 use super::{DbKey, Store, StoreError, StoreResult, TxnRow, find_db, head, head_of};
 use crate::server::bucket::format::{self, Header, Kind, TxnRecord};
@@ -238,17 +238,17 @@ impl Store {
                 })
             })
         };
-        if !self.fresh_enough(r, key, &st, Need::Commit)? {
-            self.refresh_locked(r, key, &st, false)?;
-        }
-        if min_txid.is_some_and(|m| m > local_head().unwrap_or(0) + 1) {
-            // The client is ahead of this server: it committed through another one.
+        // Catch up first if this server never looked at the database, or the client is ahead
+        // of it (it committed through another server): verification needs the head.
+        if st.never_refreshed() || min_txid.is_some_and(|m| m > local_head().unwrap_or(0) + 1) {
             self.refresh_locked(r, key, &st, true)?;
         }
-        let epoch = match lease {
-            LeaseRule::Ignore => 0,
-            LeaseRule::Header(id) => r.leases.check_write(key, id)?,
+        let check_lease = || match &lease {
+            LeaseRule::Ignore => Ok(0),
+            LeaseRule::Header(id) => r.leases.check_write(key, *id),
         };
+        let epoch = check_lease()?;
+        let lease_checked = Instant::now();
         let fetch = RemoteBytes {
             remote: r,
             cache: true,
@@ -264,9 +264,7 @@ impl Store {
         let stored = sink.slots;
         let built = build(&self.tmp_dir, &row, sink, epoch)?;
         let nonce = built.header.nonce;
-        let (rel, loaded) = self.write_object(r, key, &gn, built)?;
-        // The create below is safe only on a view of the bucket younger than the manifest TTL
-        // (see `Remote::manifest_ttl`); writing a large body may have taken longer than that.
+        let (rel, (mut l0_bytes, mut loaded)) = self.write_object(r, key, &gn, built)?;
         let lost = |this: &Self| -> StoreResult<StoreError> {
             if let Some(big) = &rel {
                 let _ = r.bucket.delete(&layout::in_generation(key, &gn, big));
@@ -280,21 +278,29 @@ impl Store {
             })?;
             Ok(StoreError::PosMismatch(pos))
         };
-        if !self.fresh_enough(r, key, &st, Need::Commit)? {
-            self.refresh_locked(r, key, &st, false)?;
-            if local_head()? + 1 != row.min_txid {
-                return Err(lost(self)?);
-            }
+        // The last look before the commit point: the manifest (a conditional GET, usually
+        // unchanged) must still name this generation with nothing merged past our head, and
+        // the lease must still be ours if the first check was a while ago.
+        if self.recheck_manifest(r, key, &st)?.as_deref() != Some(gn.as_str())
+            || local_head()? + 1 != row.min_txid
+        {
+            return Err(lost(self)?);
         }
+        if lease_checked.elapsed() > r.cfg.max_skew / 2 && check_lease()? != epoch {
+            return Err(StoreError::LeaseMismatch);
+        }
+        // The commit lands now: its creation time (which retention counts from) is now.
+        let created = super::now_ms();
+        stamp_created(&mut l0_bytes, created)?;
+        loaded.txns[0].created_ms = created;
         let l0 = layout::in_generation(key, &gn, &layout::l0(row.min_txid));
-        match r.settle_create(&l0, loaded.0, nonce)? {
+        match r.settle_create(&l0, l0_bytes, nonce)? {
             Settled::Ours => {}
             Settled::Theirs => return Err(lost(self)?),
         }
         r.mark_dirty(key);
         // Committed. Indexing it here is an optimisation: if it fails, the next refresh finds it.
-        let mut l = loaded.1;
-        l.txns[0].created_ms = l.txns[0].created_ms.max(1);
+        let l = loaded;
         let indexed = self.write(|tx| {
             let db_id = find_db(tx, key)?
                 .ok_or_else(|| StoreError::Stale("database row vanished".into()))?;
@@ -381,6 +387,24 @@ impl Store {
         };
         Ok((Some(big), (bytes, loaded)))
     }
+}
+
+/// Sets the creation time of the first transaction record of an encoded object (a commit, or
+/// a pointer), whose whole index is in `bytes`, and updates the index's CRC.
+fn stamp_created(bytes: &mut [u8], created_ms: u64) -> StoreResult<()> {
+    let h = Header::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let start = format::HEADER_SIZE;
+    let end = h.data_offset as usize;
+    if bytes.len() < end || h.txns == 0 {
+        return Err(StoreError::Corrupt(
+            "commit object without its index".into(),
+        ));
+    }
+    // created_ms is bytes 48..56 of a transaction record.
+    bytes[start + 48..start + 56].copy_from_slice(&created_ms.to_be_bytes());
+    let crc = crate::ltx::CRC64.checksum(&bytes[start..end - 8]);
+    bytes[end - 8..end].copy_from_slice(&crc.to_be_bytes());
+    Ok(())
 }
 
 /// The slot entries of an encoded index (records first, CRC last), copied into a spill.

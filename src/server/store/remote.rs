@@ -84,6 +84,12 @@ impl DbSync {
         s.manifest.map(|m| (m, s.etag))
     }
 
+    /// Whether this server has not brought the index of the database up to date since start
+    /// (or since its state was reset).
+    pub fn never_refreshed(&self) -> bool {
+        self.state().refreshed.is_none()
+    }
+
     /// The index is known current as of now (after this server's own commit).
     pub fn mark_refreshed(&self) {
         self.update(|s| s.refreshed = Some(Instant::now()));
@@ -442,18 +448,22 @@ fn corrupt(rel: &str, e: FormatError) -> StoreError {
 
 impl Remote {
     /// Reads an object's header and index (`hint`: bytes the first GET should cover, e.g. the
-    /// index length the manifest gives). `None` if the object does not exist. POINTER objects are
-    /// followed to the object holding the commit.
+    /// index length the manifest gives, capped at [`MAX_FIRST_READ`]; more index is read in
+    /// bounded chunks). `None` if the object does not exist. POINTER objects are followed to the
+    /// object holding the commit (whose record then takes the pointer's creation time: the
+    /// commit landed when the pointer was created). With `keep_data`, the page bytes the first
+    /// read happened to include are kept (for the cache).
     pub(super) fn load(
         &self,
         key: &DbKey,
         gn: &str,
         rel: &str,
         hint: u64,
+        keep_data: bool,
         tmp: &std::path::Path,
     ) -> StoreResult<Option<Loaded>> {
         let full = layout::in_generation(key, gn, rel);
-        let first = hint.max(format::FIRST_READ);
+        let first = hint.clamp(format::FIRST_READ, MAX_FIRST_READ);
         let Some((bytes, size)) = self.bucket.get_range(&full, 0..first)? else {
             return Ok(None);
         };
@@ -465,50 +475,16 @@ impl Remote {
             ));
         }
         if header.kind == Kind::Pointer {
-            let end = header.len.min(bytes.len() as u64) as usize;
-            let target = std::str::from_utf8(&bytes[header.data_offset as usize..end])
-                .map_err(|_| corrupt(rel, FormatError::Invalid("pointer key".into())))?
-                .to_string();
-            if !target.starts_with("big/") || end as u64 != header.len {
-                return Err(corrupt(rel, FormatError::Invalid("pointer".into())));
-            }
-            return self.load(key, gn, &target, 0, tmp);
+            return self.follow_pointer(key, gn, rel, &header, &bytes, keep_data, tmp);
         }
-        let mut entries = Spill::new(tmp, INDEX_IN_MEMORY);
+        let mut idx = IndexReader::new(&header, tmp);
         let range = header.index_range();
         let have = (bytes.len() as u64).min(range.end);
-        let mut digest = crate::ltx::CRC64.digest();
-        let mut txn_bytes = Vec::new();
-        let tlen = header.txns as u64 * format::TXN_RECORD_SIZE as u64;
-        let elen = header.index_len - tlen - 8;
-        // The index: records, entries, CRC, from the first read and then in bounded chunks.
-        let mut sink = |chunk: &[u8], at: u64| -> std::io::Result<()> {
-            let body_end = range.end - 8;
-            let lo = at.max(range.start);
-            let hi = (at + chunk.len() as u64).min(body_end);
-            if lo < hi {
-                let part = &chunk[(lo - at) as usize..(hi - at) as usize];
-                digest.update(part);
-                let rec_end = range.start + tlen;
-                for (i, b) in part.iter().enumerate() {
-                    let off = lo + i as u64;
-                    if off < rec_end {
-                        txn_bytes.push(*b);
-                    }
-                }
-                let e_lo = lo.max(rec_end);
-                if e_lo < hi {
-                    entries.write_all(&part[(e_lo - lo) as usize..])?;
-                }
-            }
-            Ok(())
-        };
-        sink(&bytes[..have as usize], 0)?;
+        idx.feed(
+            &bytes[range.start.min(have) as usize..have as usize],
+            range.start.min(have),
+        )?;
         let mut at = have.max(range.start);
-        let mut crc_bytes = Vec::new();
-        if bytes.len() as u64 >= range.end {
-            crc_bytes.extend_from_slice(&bytes[(range.end - 8) as usize..range.end as usize]);
-        }
         while at < range.end {
             let to = (at + MAX_RANGE).min(range.end);
             let (chunk, _) = self
@@ -518,26 +494,11 @@ impl Remote {
             if chunk.len() as u64 != to - at {
                 return Err(corrupt(rel, FormatError::Truncated("index")));
             }
-            sink(&chunk, at)?;
-            if to == range.end {
-                crc_bytes = chunk[chunk.len() - 8..].to_vec();
-            }
+            idx.feed(&chunk, at)?;
             at = to;
         }
-        let crc = u64::from_be_bytes(
-            crc_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt(rel, FormatError::Truncated("index")))?,
-        );
-        if digest.finalize() != crc || entries.len() != elen {
-            return Err(corrupt(rel, FormatError::Checksum("index")));
-        }
-        let txns: Vec<TxnRecord> = txn_bytes
-            .chunks_exact(format::TXN_RECORD_SIZE)
-            .map(TxnRecord::decode)
-            .collect();
-        let data = if bytes.len() as u64 > header.data_offset {
+        let (txns, entries) = idx.finish().map_err(|e| corrupt(rel, e))?;
+        let data = if keep_data && bytes.len() as u64 > header.data_offset {
             bytes.slice(header.data_offset as usize..)
         } else {
             Buf::new()
@@ -551,6 +512,125 @@ impl Remote {
         };
         check_loaded(&loaded)?;
         Ok(Some(loaded))
+    }
+
+    /// Loads the object a POINTER names, with the pointer's record (its creation time).
+    #[allow(clippy::too_many_arguments)]
+    fn follow_pointer(
+        &self,
+        key: &DbKey,
+        gn: &str,
+        rel: &str,
+        header: &Header,
+        bytes: &Buf,
+        keep_data: bool,
+        tmp: &std::path::Path,
+    ) -> StoreResult<Option<Loaded>> {
+        let bad = || corrupt(rel, FormatError::Invalid("pointer".into()));
+        if bytes.len() as u64 != header.len || header.len > header.data_offset + 4096 {
+            return Err(bad());
+        }
+        let index = &bytes[header.index_range().start as usize..header.data_offset as usize];
+        let record = format::decode_index(header, index).map_err(|e| corrupt(rel, e))?;
+        let target = std::str::from_utf8(&bytes[header.data_offset as usize..])
+            .map_err(|_| bad())?
+            .to_string();
+        if !target.starts_with("big/") {
+            return Err(bad());
+        }
+        let Some(mut l) = self.load(key, gn, &target, 0, keep_data, tmp)? else {
+            return Err(StoreError::Corrupt(format!(
+                "pointer {rel} names {target}, which is missing"
+            )));
+        };
+        let pointed = &record.txns[0];
+        match l.txns.as_mut_slice() {
+            [t] if t.min_txid == pointed.min_txid && t.max_txid == pointed.max_txid => {
+                t.created_ms = pointed.created_ms;
+            }
+            _ => return Err(bad()),
+        }
+        Ok(Some(l))
+    }
+}
+
+/// Most bytes of an object's first GET (the rest of a larger index is read in chunks).
+const MAX_FIRST_READ: u64 = 8 << 20;
+
+/// Routes an object's index bytes, arriving in chunks at known offsets, to its records, its
+/// slot entries (spilled past [`INDEX_IN_MEMORY`]) and its CRC, checking the CRC at the end.
+struct IndexReader {
+    start: u64,
+    records_end: u64,
+    entries_end: u64,
+    end: u64,
+    records: Vec<u8>,
+    entries: Spill,
+    crc: [u8; 8],
+    digest: crc::Digest<'static, u64, crc::Table<16>>,
+    next: u64,
+}
+
+impl IndexReader {
+    fn new(h: &Header, tmp: &std::path::Path) -> IndexReader {
+        let r = h.index_range();
+        let records_end = r.start + u64::from(h.txns) * format::TXN_RECORD_SIZE as u64;
+        IndexReader {
+            start: r.start,
+            records_end,
+            entries_end: r.end - 8,
+            end: r.end,
+            records: Vec::new(),
+            entries: Spill::new(tmp, INDEX_IN_MEMORY),
+            crc: [0; 8],
+            digest: crate::ltx::CRC64.digest(),
+            next: r.start,
+        }
+    }
+
+    /// Takes `chunk`, the bytes at `at..`; chunks must come in order without gaps.
+    fn feed(&mut self, chunk: &[u8], at: u64) -> StoreResult<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if at != self.next || at + chunk.len() as u64 > self.end {
+            return Err(StoreError::Corrupt("index read out of order".into()));
+        }
+        let part = |lo: u64, hi: u64| -> &[u8] {
+            let (a, b) = (lo.max(at), hi.min(at + chunk.len() as u64));
+            if a >= b {
+                &[]
+            } else {
+                &chunk[(a - at) as usize..(b - at) as usize]
+            }
+        };
+        let recs = part(self.start, self.records_end);
+        self.records.extend_from_slice(recs);
+        let ents = part(self.records_end, self.entries_end);
+        self.entries.write_all(ents)?;
+        self.digest.update(recs);
+        self.digest.update(ents);
+        let lo = at.max(self.entries_end);
+        for (i, b) in part(self.entries_end, self.end).iter().enumerate() {
+            self.crc[(lo - self.entries_end) as usize + i] = *b;
+        }
+        self.next = at + chunk.len() as u64;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(Vec<TxnRecord>, Spill), FormatError> {
+        if self.next != self.end {
+            return Err(FormatError::Truncated("index"));
+        }
+        if self.digest.finalize() != u64::from_be_bytes(self.crc) {
+            return Err(FormatError::Checksum("index"));
+        }
+        let txns = self
+            .records
+            .chunks_exact(format::TXN_RECORD_SIZE)
+            .map(TxnRecord::decode)
+            .collect();
+        Ok((txns, self.entries))
     }
 }
 
@@ -879,6 +959,35 @@ pub(super) fn base_page_ck(
     }
 }
 
+/// Where the bucket holds a version that was served from the cache.
+fn cached_loc(tx: &Connection, db_id: i64, v: &Version) -> StoreResult<Option<Loc>> {
+    let row: Option<(Option<i64>, Option<i64>)> = tx
+        .prepare_cached("SELECT obj, slot FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid = ?3")?
+        .query_row(rusqlite::params![db_id, v.pgno, v.txid as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((Some(obj), Some(slot))) = row {
+        return Ok(Some(Loc {
+            obj,
+            slot: slot as u64,
+        }));
+    }
+    // Not a row: a page of the base image.
+    let base: Option<(i64, u64, u32)> = tx
+        .prepare_cached("SELECT obj, txid, page_size FROM bases WHERE db_id = ?1")?
+        .query_row([db_id], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+        })
+        .optional()?;
+    Ok(base.and_then(|(obj, txid, ps)| {
+        (txid == v.txid)
+            .then(|| format::image_slot(ps, v.pgno))
+            .flatten()
+            .map(|slot| Loc { obj, slot })
+    }))
+}
+
 /// Where an object's bytes are: (key relative to the generation, data offset, page size).
 fn object_info(tx: &Connection, obj: i64) -> StoreResult<(String, u64, u32)> {
     tx.prepare_cached("SELECT key, data_offset, page_size FROM objects WHERE id = ?1")?
@@ -921,11 +1030,24 @@ impl Fetch for RemoteBytes<'_> {
         let mut remote: Vec<(usize, Loc)> = Vec::new();
         for (i, v) in vs.iter().enumerate() {
             match &v.bytes {
-                Bytes::Here(d) => {
+                Bytes::Here(d) if !v.cached || page_checksum(v.pgno, d) == v.ck => {
                     if v.cached {
                         self.remote.touch(db_id, v.pgno, v.txid);
                     }
                     out[i] = Some(d.clone());
+                }
+                // A cached copy that fails its checksum is fetched again (and replaced).
+                Bytes::Here(_) => {
+                    tracing::warn!(db_id, pgno = v.pgno, "a cached page fails its checksum");
+                    match cached_loc(tx, db_id, v)? {
+                        Some(loc) => remote.push((i, loc)),
+                        None => {
+                            return Err(StoreError::Stale(format!(
+                                "cached page {} fails its checksum",
+                                v.pgno
+                            )));
+                        }
+                    }
                 }
                 Bytes::Remote(loc) => remote.push((i, *loc)),
             }
@@ -1130,6 +1252,8 @@ impl Store {
                         let m = Manifest::decode(&got.bytes).map_err(|e| {
                             StoreError::Corrupt(format!("manifest of {:?}: {e}", key.name))
                         })?;
+                        // Until the new manifest is applied in full, nothing here is current.
+                        st.update(|s| *s = SyncState::default());
                         self.apply_manifest(r, key, &m)?;
                         st.update(|s| {
                             s.manifest = Some(m);
@@ -1165,6 +1289,41 @@ impl Store {
             "the bucket's state of {:?} keeps changing under this server",
             key.name
         )))
+    }
+
+    /// Re-reads the manifest of `key` (conditionally) and applies it if it changed; returns the
+    /// generation it names (`None` for a deleted or missing database). Holds the database's
+    /// lock.
+    pub(super) fn recheck_manifest(
+        &self,
+        r: &Remote,
+        key: &DbKey,
+        st: &DbSync,
+    ) -> StoreResult<Option<String>> {
+        let s = st.state();
+        match r
+            .bucket
+            .get_if_changed(&layout::manifest(key), s.etag.as_deref())?
+        {
+            None => Ok(None),
+            Some(None) => {
+                st.update(|s| s.manifest_read = Some(Instant::now()));
+                Ok(s.manifest.filter(|m| !m.deleted).map(|m| m.generation))
+            }
+            Some(Some(got)) => {
+                let m = Manifest::decode(&got.bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("manifest of {:?}: {e}", key.name)))?;
+                st.update(|s| *s = SyncState::default());
+                self.apply_manifest(r, key, &m)?;
+                let gn = (!m.deleted).then(|| m.generation.clone());
+                st.update(|s| {
+                    s.manifest = Some(m);
+                    s.etag = got.etag;
+                    s.manifest_read = Some(Instant::now());
+                });
+                Ok(gn)
+            }
+        }
     }
 
     /// Forgets everything this server knows of `key` (it is gone from the bucket, or its
@@ -1268,7 +1427,7 @@ impl Store {
     ) -> StoreResult<Option<Loaded>> {
         // Header, index and the first page: a cold open needs page 1 next.
         let hint = format::HEADER_SIZE as u64 + o.index_len + u64::from(o.page_size);
-        r.load(key, gn, &o.key, hint, &self.tmp_dir)
+        r.load(key, gn, &o.key, hint, true, &self.tmp_dir)
     }
 
     /// Ingests `l0/` commits after the local head; returns how many transactions were new.
@@ -1288,7 +1447,7 @@ impl Store {
                 )));
             }
             let rel = layout::l0(next);
-            let Some(l) = r.load(key, &m.generation, &rel, 0, &self.tmp_dir)? else {
+            let Some(l) = r.load(key, &m.generation, &rel, 0, true, &self.tmp_dir)? else {
                 return Ok(new);
             };
             let first = l.txns.first().expect("checked");
@@ -1337,14 +1496,9 @@ impl Store {
                     (Manifest::new(m.dead_generations.clone()), got.etag.clone())
                 }
             };
-            let won = match cas {
-                None => r
-                    .bucket
-                    .put_create(&layout::manifest(key), fresh.encode())?,
-                Some(e) => r
-                    .bucket
-                    .put_update(&layout::manifest(key), fresh.encode(), &e)?,
-            };
+            let won =
+                r.bucket
+                    .put_settled(&layout::manifest(key), fresh.encode(), cas.as_deref())?;
             if let Cas::Done(etag) = won {
                 self.apply_manifest(r, key, &fresh)?;
                 st.update(|s| {
@@ -1410,7 +1564,7 @@ impl Store {
             let etag = got.etag.ok_or_else(|| {
                 StoreError::Corrupt("the object store returned no ETag for a manifest".into())
             })?;
-            if let Cas::Done(_) = r.bucket.put_update(&rel, tomb.encode(), &etag)? {
+            if let Cas::Done(_) = r.bucket.put_settled(&rel, tomb.encode(), Some(&etag))? {
                 done = true;
                 break;
             }
@@ -1420,7 +1574,10 @@ impl Store {
         if !done {
             return Err(StoreError::NoDb(key.name.clone()));
         }
-        r.leases.remove(key)?;
+        // The database is deleted; a lease left behind only ends later by itself.
+        if let Err(e) = r.leases.remove(key) {
+            tracing::warn!(db = %key.name, error = %e, "ending the lease of a deleted database");
+        }
         // Its old generation is garbage: the next compaction pass deletes it.
         r.mark_dirty(key);
         self.notify();

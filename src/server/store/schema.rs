@@ -11,7 +11,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 /// Tables:
-/// - `dbs`: one row per database (cluster, name). A row with no `txns` is a database at the
+/// - `dbs`: one row per database (cluster, name); ids are never reused (the page cache is keyed
+///   by them, and a database dropped and indexed again must not find another's bytes). A row
+///   with no `txns` is a database at the
 ///   zero position (created by a lease). `compacted_txid` is the K of the last compaction
 ///   ([`super::retention`]). `generation` (bucket mode) is the generation of the database in the
 ///   bucket that the rows describe.
@@ -31,7 +33,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dbs(
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
     name TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
@@ -184,7 +186,7 @@ pub fn check_mode(
         return Ok(ModeCheck::Keep);
     }
     let dir = data_dir.display();
-    match (stored.starts_with("bucket "), mode.starts_with("bucket ")) {
+    match (stored.starts_with("bucket"), mode.starts_with("bucket")) {
         (true, false) => Err(StoreError::Mode(format!(
             "{dir} holds the cache of the object store {}, not a local store: start with --store \
              {0}, or use another --data-dir",
