@@ -163,9 +163,10 @@ pub struct BucketSettings {
     pub remote: crate::server::store::remote::RemoteConfig,
 }
 
-/// Smallest `--gc-grace`: more than a commit can take from its last look at the manifest to its
-/// conditional create (the manifest TTL, at most 5 s, plus the 10 s a create may take to settle).
-pub const MIN_GC_GRACE: Duration = Duration::from_secs(20);
+/// Smallest `--gc-grace`: more than a commit can take from its last look at the manifest to the
+/// end of its conditional create (no attempt starts after the 10 s settle deadline, and one takes
+/// at most 10 s), so an object retired after that look is never deleted before the create ends.
+pub const MIN_GC_GRACE: Duration = Duration::from_secs(30);
 
 /// Smallest `--cache-size`: the index of a database must fit beside some pages.
 const MIN_CACHE_SIZE: u64 = 8 << 20;

@@ -98,6 +98,7 @@ impl From<StoreError> for ApiError {
             StoreError::Corrupt(_)
             | StoreError::Locked(_)
             | StoreError::Mode(_)
+            | StoreError::Unchanged(_)
             | StoreError::Sqlite(_)
             | StoreError::Io(_) => ErrorCode::Internal,
         };

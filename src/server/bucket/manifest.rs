@@ -26,8 +26,8 @@ pub struct ObjRef {
     pub level: u8,
 }
 
-/// An object no longer listed, and when it stopped being listed (ms since the epoch). Commit
-/// objects (`l0/`) are replaced by stubs after the grace period, other objects deleted.
+/// An object no longer listed, and when it stopped being listed (ms since the epoch). It is
+/// deleted once the retention, the grace and the clock-skew margin have passed since.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retired {
     pub key: String,

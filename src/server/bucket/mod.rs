@@ -222,6 +222,10 @@ impl Bucket {
         if prefix.split('/').any(|s| s == "." || s == "..") {
             return Err(bad("the prefix may not contain . or .. segments"));
         }
+        // Keys are at most 1,024 bytes on S3; a database's longest key takes about 400.
+        if prefix.len() > 512 {
+            return Err(bad("the prefix is longer than 512 bytes"));
+        }
         let root = if prefix.is_empty() {
             "v1".to_string()
         } else {

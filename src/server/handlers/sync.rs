@@ -28,6 +28,8 @@ use crate::wire::{
 
 /// Largest `POST /sync` body.
 const MAX_SYNC_BODY: u64 = 16 << 20;
+/// Most databases one `POST /sync` may ask about.
+pub const MAX_SYNC_DATABASES: usize = 10_000;
 
 fn parse_wait(params: &Params) -> ApiResult<Option<Duration>> {
     let Some(s) = params.get("wait") else {
@@ -105,6 +107,15 @@ pub async fn post_sync(
     let bytes = read_small(&headers, body, limit, app.config.stall_timeout).await?;
     let req: SyncRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(ErrorCode::BadInput, format!("invalid sync request: {e}")))?;
+    if req.positions.len() > MAX_SYNC_DATABASES {
+        return Err(ApiError::new(
+            ErrorCode::BadInput,
+            format!(
+                "{} databases in one sync request; at most {MAX_SYNC_DATABASES}",
+                req.positions.len()
+            ),
+        ));
+    }
     for name in req.positions.keys() {
         validate_db_name(name).map_err(ApiError::bad_db)?;
     }

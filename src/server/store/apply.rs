@@ -37,7 +37,7 @@ impl Store {
                 let min = verify::ltx_header(&first[..n]).ok().map(|h| h.min_txid);
                 let body = (&first[..n]).chain(body);
                 let rule = LeaseRule::Header(lease);
-                self.commit_bucketed(r, key, rule, min, |head, sink| {
+                self.commit_bucketed(r, key, rule, min, false, |head, sink| {
                     verify::ltx(head, len, body, sink)
                 })?
             }

@@ -6,8 +6,9 @@
 //!
 //! 1. the first commit (an image) becomes the manifest's base;
 //! 2. [`L0_FANIN`] or more commit objects are merged into one level-1 segment;
-//! 3. [`SEG_FANIN`] or more consecutive segments of one level become one of the next level
-//!    (up to [`MAX_LEVEL`]);
+//! 3. [`SEG_FANIN`] or more consecutive segments of one level become one of the next level (so
+//!    at most 7 segments per level, and levels grow with the logarithm of the commits since
+//!    the base);
 //! 4. the base moves forward: a new image at the newest segment or commit boundary at or before
 //!    K (the position current at `now - retention`), once the history it makes droppable is at
 //!    least half the image's size;
@@ -33,12 +34,17 @@ use crate::server::bucket::{Cas, Spill, layout};
 pub const L0_FANIN: usize = 8;
 /// Segments of one level merged into one of the next.
 pub const SEG_FANIN: usize = 8;
-/// Highest segment level.
-pub const MAX_LEVEL: u8 = 3;
+/// Most commit objects merged in one step.
+const MAX_MERGE: usize = 64;
 /// Steps one database may take in one pass.
 const MAX_STEPS: usize = 8;
+/// How often the whole bucket is swept for garbage-collection work (ms; also at start).
+const SWEEP_MS: u64 = 3_600_000;
 /// How often a database's generation is listed for orphans (ms).
 const ORPHAN_SWEEP_MS: u64 = 3_600_000;
+/// How old an unnamed object must be to be taken for an orphan (ms): far longer than any
+/// upload (a multipart object's time is when its upload started) or compaction step.
+const ORPHAN_MIN_AGE_MS: u64 = 24 * 3_600_000;
 
 /// What one pass did in the bucket.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,10 +83,18 @@ impl Store {
     /// it committed to, and ones whose manifest has objects due for deletion).
     pub(super) fn compact_bucket(&self, r: &Remote) -> StoreResult<BucketStats> {
         let mut stats = BucketStats::default();
+        if r.sweep_due(now_ms(), SWEEP_MS) {
+            if let Err(e) = self.sweep_bucket(r) {
+                tracing::warn!(error = %e, "sweeping the bucket for garbage");
+            }
+        }
         for key in r.compaction_candidates(now_ms()) {
+            // Taken off before its pass: a commit during the pass marks it again.
+            r.set_dirty(&key, None);
             match self.compact_one(r, &key, &mut stats) {
-                Ok(more) => r.set_dirty(&key, more),
+                Ok(next) => r.set_dirty(&key, next),
                 Err(e) => {
+                    r.mark_dirty(&key);
                     tracing::warn!(db = %key.name, error = %e, "compacting in the bucket");
                 }
             }
@@ -88,8 +102,87 @@ impl Store {
         Ok(stats)
     }
 
-    /// Steps through one database; returns whether work remains for a later pass.
-    fn compact_one(&self, r: &Remote, key: &DbKey, stats: &mut BucketStats) -> StoreResult<bool> {
+    /// Lists every database in the bucket and marks those whose manifest has objects to delete
+    /// (now or later) for compaction: work that no server may hold in memory after restarts.
+    /// At start, then hourly; a LIST per 1,000 databases and a GET per database.
+    pub(super) fn sweep_bucket(&self, r: &Remote) -> StoreResult<()> {
+        for cluster in r.bucket.list_names("c")? {
+            if crate::wire::validate_cluster_name(&cluster).is_err() {
+                continue;
+            }
+            for name in r.bucket.list_names(&layout::cluster(&cluster))? {
+                if crate::wire::validate_db_name(&name).is_err() {
+                    continue;
+                }
+                let key = DbKey {
+                    cluster: cluster.clone(),
+                    name,
+                };
+                let Some(got) = r.bucket.get(&layout::manifest(&key))? else {
+                    continue;
+                };
+                match Manifest::decode(&got.bytes) {
+                    Ok(m) if !m.retired.is_empty() || !m.dead_generations.is_empty() => {
+                        r.mark_dirty(&key);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(db = %key.name, error = %e, "sweeping the bucket"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Garbage collection of a database this server has not indexed (found by the sweep, or
+    /// deleted here), without indexing it: deletes what is due; returns when more will be.
+    fn collect_unindexed(
+        &self,
+        r: &Remote,
+        key: &DbKey,
+        stats: &mut BucketStats,
+    ) -> StoreResult<Option<u64>> {
+        let Some(got) = r.bucket.get(&layout::manifest(key))? else {
+            return Ok(None);
+        };
+        let m = Manifest::decode(&got.bytes)
+            .map_err(|e| StoreError::Corrupt(format!("manifest of {:?}: {e}", key.name)))?;
+        if m.deleted {
+            return self.collect_deleted(r, key, &m, got.etag.as_deref(), stats);
+        }
+        let now = now_ms();
+        let due = |o: &Retired| o.at_ms + r.gc_delay_ms() <= now;
+        if m.retired.iter().chain(&m.dead_generations).any(due) {
+            let etag = got.etag.ok_or_else(|| {
+                StoreError::Corrupt("the object store returned no ETag for a manifest".into())
+            })?;
+            let mut next = m.clone();
+            next.updated_ms = now;
+            for o in m.retired.iter().filter(|o| due(o)) {
+                r.bucket
+                    .delete(&layout::in_generation(key, &m.generation, &o.key))?;
+                stats.objects_deleted += 1;
+            }
+            let dead = self.collect_dead(r, key, &m, stats)?;
+            next.retired.retain(|o| !due(o));
+            next.dead_generations.retain(|g| !dead.contains(&g.key));
+            r.bucket
+                .put_settled(&layout::manifest(key), next.encode(), Some(&etag))?;
+            return Ok(next_due(r, &next));
+        }
+        Ok(next_due(r, &m))
+    }
+
+    /// Steps through one database; returns when it next has work (ms; `None`: nothing
+    /// pending).
+    fn compact_one(
+        &self,
+        r: &Remote,
+        key: &DbKey,
+        stats: &mut BucketStats,
+    ) -> StoreResult<Option<u64>> {
+        if self.read(|tx| Ok(find_db(tx, key)?.is_none()))? {
+            return self.collect_unindexed(r, key, stats);
+        }
         for _ in 0..MAX_STEPS {
             let st = r.db(key);
             {
@@ -97,24 +190,24 @@ impl Store {
                 self.refresh_locked(r, key, &st, true)?;
             }
             let Some((m, etag)) = st.manifest() else {
-                return Ok(false);
+                return Ok(None);
             };
             if m.deleted {
                 return self.collect_deleted(r, key, &m, etag.as_deref(), stats);
             }
             let Some(step) = self.plan(r, key, &m)? else {
                 self.sweep_orphans(r, key, &m)?;
-                return self.history_droppable_later(r, key, &m);
+                return self.next_work(r, key, &m);
             };
             let etag = etag.ok_or_else(|| {
                 StoreError::Corrupt("the object store returned no ETag for a manifest".into())
             })?;
             if !self.take_step(r, key, &m, &etag, step, stats)? {
                 // Lost a race with another compactor: try again in a later pass.
-                return Ok(true);
+                return Ok(Some(0));
             }
         }
-        Ok(true)
+        Ok(Some(0))
     }
 
     /// The next step for a database, if any.
@@ -156,7 +249,14 @@ impl Store {
         if commits.len() >= L0_FANIN {
             let mut sources = Vec::new();
             let mut also = Vec::new();
-            for (t, _) in &commits {
+            // One page size per segment (a database emptied by a commit of size 0 may come back
+            // with another), and a bounded number of sources per step.
+            let ps = commits[0].0.page_size;
+            let run = commits
+                .iter()
+                .take_while(|(t, _)| t.page_size == ps || t.commit == 0)
+                .take(MAX_MERGE);
+            for (t, _) in run {
                 let rel = layout::l0(t.min_txid);
                 let l = r
                     .load(key, &m.generation, &rel, 0, false, &self.tmp_dir)?
@@ -172,12 +272,14 @@ impl Store {
                 also_retire: also,
             }));
         }
-        for level in 1..MAX_LEVEL {
+        let top = m.segments.iter().map(|s| s.level).max().unwrap_or(0);
+        for level in 1..=top.min(u8::MAX - 1) {
+            let last_ps = m.segments.last().map_or(0, |s| s.page_size);
             let run: Vec<ObjRef> = m
                 .segments
                 .iter()
                 .rev()
-                .take_while(|s| s.level == level)
+                .take_while(|s| s.level == level && s.page_size == last_ps)
                 .cloned()
                 .collect();
             if run.len() >= SEG_FANIN {
@@ -281,18 +383,21 @@ impl Store {
         })
     }
 
-    /// Whether a later pass may find work here without a new commit: the retention window
-    /// still covers the newest commit, so K (and with it a new image) may still move.
-    fn history_droppable_later(&self, r: &Remote, key: &DbKey, m: &Manifest) -> StoreResult<bool> {
+    /// When a later pass may find work here without a new commit (ms): when retired objects
+    /// come due, and while the retention window still covers commits after the base (K, and
+    /// with it a new image, may still move), once the newest of them leaves it.
+    fn next_work(&self, r: &Remote, key: &DbKey, m: &Manifest) -> StoreResult<Option<u64>> {
         let base = m.base.as_ref().map_or(0, |b| b.max_txid);
         let window = r.cfg.retention.as_millis() as u64;
-        self.read(|tx| {
+        let moves = self.read(|tx| {
             let Some(db_id) = find_db(tx, key)? else {
-                return Ok(false);
+                return Ok(None);
             };
             Ok(head(tx, db_id)?
-                .is_some_and(|h| h.max_txid > base && h.created_ms + window >= now_ms()))
-        })
+                .filter(|h| h.max_txid > base && h.created_ms + window >= now_ms())
+                .map(|h| h.created_ms + window + 1))
+        })?;
+        Ok(earliest([moves, next_due(r, m)]))
     }
 
     /// Builds what `step` needs, swaps the manifest, then indexes the result. Returns false if
@@ -462,42 +567,60 @@ impl Store {
         m: &Manifest,
         etag: Option<&str>,
         stats: &mut BucketStats,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Option<u64>> {
         let dead = self.collect_dead(r, key, m, stats)?;
+        let mut next = m.clone();
+        next.dead_generations.retain(|g| !dead.contains(&g.key));
         if let (Some(etag), false) = (etag, dead.is_empty()) {
-            let mut next = m.clone();
-            next.dead_generations.retain(|g| !dead.contains(&g.key));
             next.updated_ms = now_ms();
             r.bucket
                 .put_settled(&layout::manifest(key), next.encode(), Some(etag))?;
         }
-        Ok(m.dead_generations.len() > dead.len())
+        Ok(next_due(r, &next))
     }
 
     /// Deletes objects of the current generation that nothing names and that are older than
-    /// the grace: output of a compaction that crashed or lost its race, bodies of commits that
-    /// lost theirs. Lists the generation at most once an hour per database.
+    /// [`ORPHAN_MIN_AGE_MS`]: output of a compaction that crashed or lost its swap, bodies of
+    /// commits that lost their race. Lists the generation at most once an hour per database,
+    /// and decides what is named from the manifest as it is *after* the listing, so an object
+    /// named meanwhile is never taken for an orphan. Commit keys at or past `next_l0`, and the
+    /// bodies of those commits, are never orphans.
     fn sweep_orphans(&self, r: &Remote, key: &DbKey, m: &Manifest) -> StoreResult<()> {
         let now = now_ms();
         if !r.orphan_sweep_due(key, now, ORPHAN_SWEEP_MS) {
             return Ok(());
         }
         let prefix = layout::generation(key, &m.generation);
+        let listing = r.bucket.list_all_timed(&prefix)?;
+        let st = r.db(key);
+        {
+            let _g = st.lock.lock();
+            self.refresh_locked(r, key, &st, true)?;
+        }
+        let Some((m, _)) = st.manifest() else {
+            return Ok(());
+        };
+        if m.deleted || !prefix.ends_with(&m.generation) {
+            return Ok(());
+        }
         let mut named: HashSet<String> = m.listed().map(|o| o.key.clone()).collect();
         named.extend(m.retired.iter().map(|o| o.key.clone()));
-        for (c, _) in self.unmerged_commits(r, key, m)? {
-            named.extend(self.commit_keys(r, key, m, &c)?);
+        for (c, _) in self.unmerged_commits(r, key, &m)? {
+            named.extend(self.commit_keys(r, key, &m, &c)?);
         }
-        for (full, _, modified_ms) in r.bucket.list_all_timed(&prefix)? {
+        let txid_of = |rel: &str, kind: &str| -> Option<u64> {
+            let rest = rel.strip_prefix(kind)?;
+            u64::from_str_radix(rest.get(..16)?, 16).ok()
+        };
+        for (full, _, modified_ms) in listing {
             let rel = full
                 .strip_prefix(&format!("{prefix}/"))
                 .unwrap_or(&full)
                 .to_string();
-            let live_l0 = rel
-                .strip_prefix("l0/")
-                .and_then(|t| u64::from_str_radix(t, 16).ok())
+            let unmerged = txid_of(&rel, "l0/")
+                .or_else(|| txid_of(&rel, "big/"))
                 .is_some_and(|t| t >= m.next_l0);
-            if named.contains(&rel) || live_l0 || modified_ms + r.gc_delay_ms() > now {
+            if named.contains(&rel) || unmerged || modified_ms + ORPHAN_MIN_AGE_MS > now {
                 continue;
             }
             tracing::info!(db = %key.name, object = %rel, "deleting an orphaned object");
@@ -526,13 +649,20 @@ impl Store {
             }
             loaded.push(l);
         }
-        let ps = loaded[0].header.page_size;
+        // The page size of the pages held (a source without pages, a commit of size 0, may
+        // name another).
+        let ps = loaded
+            .iter()
+            .find(|l| l.header.slots > 0)
+            .unwrap_or(&loaded[0])
+            .header
+            .page_size;
         let mut records: Vec<TxnRecord> = Vec::new();
         let mut slots = 0u64;
         let mut index = Spill::new(&self.tmp_dir, 1 << 20);
         let mut entries = Spill::new(&self.tmp_dir, 1 << 20);
         for l in &loaded {
-            if l.header.page_size != ps {
+            if l.header.page_size != ps && l.header.slots > 0 {
                 return Err(StoreError::Corrupt("segments of several page sizes".into()));
             }
             for t in &l.txns {
@@ -776,6 +906,20 @@ impl Read for SourceData<'_> {
         self.buf = self.buf.slice(n..);
         Ok(n)
     }
+}
+
+/// When the first retired object or dead generation of `m` comes due for deletion (ms).
+fn next_due(r: &Remote, m: &Manifest) -> Option<u64> {
+    m.retired
+        .iter()
+        .chain(&m.dead_generations)
+        .map(|o| o.at_ms + r.gc_delay_ms())
+        .min()
+}
+
+/// The earliest of some times.
+fn earliest<const N: usize>(times: [Option<u64>; N]) -> Option<u64> {
+    times.into_iter().flatten().min()
 }
 
 /// The manifest's reference to a loaded object.

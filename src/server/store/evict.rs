@@ -50,6 +50,7 @@ impl Store {
         }
         let target = (bound * LOW) as u64;
         while self.cache_bytes() > target {
+            let before = self.cache_bytes();
             let deleted = self.write(|tx| {
                 Ok(tx.execute(
                     "DELETE FROM page_cache WHERE rowid IN
@@ -59,8 +60,10 @@ impl Store {
             })?;
             out.pages += deleted;
             self.give_back()?;
-            if deleted == 0 {
-                break;
+            // Nothing freed (a long read holds the log, so it cannot be cut): stop here rather
+            // than empty the whole cache; a later pass goes on.
+            if deleted == 0 || self.cache_bytes() >= before {
+                return Ok(out);
             }
         }
         if self.cache_bytes() > target {
@@ -73,8 +76,10 @@ impl Store {
                 let Some(_g) = st.lock.try_lock() else {
                     continue;
                 };
-                self.drop_local(&key)?;
+                // First make every reader of it refresh (it is no longer current here), then
+                // drop its rows; its entry and lock stay, so the database keeps one lock.
                 r.forget(&key);
+                self.drop_local(&key)?;
                 out.databases += 1;
                 self.give_back()?;
             }

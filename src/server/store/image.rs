@@ -122,7 +122,7 @@ impl Store {
         };
         let row = match self.remote() {
             Some(r) => {
-                self.commit_bucketed(r, key, LeaseRule::Ignore, None, &mut verify)?
+                self.commit_bucketed(r, key, LeaseRule::Ignore, None, false, &mut verify)?
                     .0
             }
             None => {
@@ -168,22 +168,30 @@ impl Store {
         target: RestoreTarget,
     ) -> StoreResult<Txid> {
         self.sync_db(r, key, Need::Recent)?;
-        let (db_id, h, t) = self.read(|tx| {
-            let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
-            let h = head(tx, db_id)?
+        // The target is resolved in the same read transaction as the head it is verified
+        // against, so both belong to one incarnation of the database.
+        let done = self.commit_bucketed(r, key, LeaseRule::Ignore, None, true, |head, sink| {
+            let db_id = head
+                .db_id
+                .ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+            let h = head
+                .row
+                .clone()
                 .ok_or_else(|| StoreError::NoTxid("database has no data yet".into()))?;
-            Ok((db_id, h, resolve(tx, db_id, target)?))
-        })?;
-        if t.max_txid == h.max_txid {
-            return Ok(Txid(h.max_txid));
-        }
-        let (row, _) = self.commit_bucketed(r, key, LeaseRule::Ignore, None, |head, sink| {
+            let t = resolve(head.tx, db_id, target)?;
+            if t.max_txid == h.max_txid {
+                return Err(StoreError::Unchanged(h.max_txid));
+            }
             let mut pages = ImageReader::new(head.tx, db_id, &t, head.fetch);
             let mut fill = |pgno: u32, buf: &mut [u8]| pages.fill(pgno, buf);
             verify::image(head, t.page_size, t.commit, ltx::now_ms(), &mut fill, sink)
-        })?;
+        });
         self.flush_stash(r);
-        Ok(Txid(row.max_txid))
+        match done {
+            Ok((row, _)) => Ok(Txid(row.max_txid)),
+            Err(StoreError::Unchanged(txid)) => Ok(Txid(txid)),
+            Err(e) => Err(e),
+        }
     }
 }
 

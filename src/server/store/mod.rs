@@ -96,6 +96,9 @@ pub enum StoreError {
     /// re-read the manifest and try again.
     #[error("stale index: {0}")]
     Stale(String),
+    /// A restore to the current position: nothing to commit (never reaches a client).
+    #[error("already at {0:016x}")]
+    Unchanged(u64),
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("I/O: {0}")]
@@ -235,7 +238,7 @@ impl Store {
     /// Acquires a new write lease on `key`.
     pub fn acquire_lease(&self, key: &DbKey, d: Duration) -> StoreResult<crate::wire::Lease> {
         match self.remote() {
-            Some(r) => r.leases.acquire(key, d),
+            Some(r) => r.check_key(key).and_then(|_| r.leases.acquire(key, d)),
             None => self.leases.acquire(key, d),
         }
     }
@@ -248,7 +251,7 @@ impl Store {
         d: Duration,
     ) -> StoreResult<crate::wire::Lease> {
         match self.remote() {
-            Some(r) => r.leases.refresh(key, id, d),
+            Some(r) => r.check_key(key).and_then(|_| r.leases.refresh(key, id, d)),
             None => self.leases.refresh(key, id, d),
         }
     }
@@ -256,7 +259,7 @@ impl Store {
     /// Releases the live lease `id` of `key`.
     pub fn release_lease(&self, key: &DbKey, id: &str) -> StoreResult<()> {
         match self.remote() {
-            Some(r) => r.leases.release(key, id),
+            Some(r) => r.check_key(key).and_then(|_| r.leases.release(key, id)),
             None => self.leases.release(key, id),
         }
     }
@@ -393,6 +396,7 @@ impl Store {
     /// Creates the database row (zero position) if it does not exist yet.
     pub fn ensure_db(&self, key: &DbKey) -> StoreResult<()> {
         if let Some(r) = self.remote() {
+            r.check_key(key)?;
             let st = r.db(key);
             let _g = st.lock.lock();
             self.ensure_manifest(r, key, &st)?;

@@ -21,8 +21,9 @@ use crate::server::bucket::{BucketError, Cas, Spill, layout};
 /// Commit objects up to this size are written in one conditional PUT; larger ones as a
 /// multipart body plus a pointer.
 pub const INLINE_LIMIT: u64 = 8 << 20;
-/// How long a commit keeps trying to learn whether its object landed.
-const SETTLE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a commit keeps trying to learn whether its object landed (no attempt starts later;
+/// one takes at most `bucket::CONDITIONAL_TIMEOUT`).
+pub const SETTLE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Which lease a bucket-mode commit must hold.
 pub(super) enum LeaseRule<'a> {
@@ -184,7 +185,7 @@ impl Remote {
                             Settled::Theirs
                         });
                     }
-                    // Gone again (it was a stub removed meanwhile): try again.
+                    // Gone again (deleted meanwhile by garbage collection): try again.
                     Ok(None) => {}
                     Err(e) => {
                         maybe_sent = true;
@@ -219,15 +220,18 @@ impl Store {
     /// Bucket mode: verifies one transaction against the head, commits it to the bucket, and
     /// indexes it. `verify` gets the head (read through `store.db`) and the sink; `min_txid` is
     /// the first TXID the transaction claims (`None`: head + 1), used to catch up first when a
-    /// client is ahead of this server.
+    /// client is ahead of this server; `whole_image` (a restore) keeps what it reads out of the
+    /// page cache.
     pub(super) fn commit_bucketed(
         &self,
         r: &Remote,
         key: &DbKey,
         lease: LeaseRule,
         min_txid: Option<u64>,
+        whole_image: bool,
         verify: impl FnOnce(&verify::Head, &mut dyn PageSink) -> StoreResult<TxnRow>,
     ) -> StoreResult<(TxnRow, u64)> {
+        r.check_key(key)?;
         let st = r.db(key);
         let _g = st.lock.lock();
         let local_head = || -> StoreResult<u64> {
@@ -249,9 +253,10 @@ impl Store {
         };
         let epoch = check_lease()?;
         let lease_checked = Instant::now();
+        // Pages a commit compares with are worth caching; a restore's whole image is not.
         let fetch = RemoteBytes {
             remote: r,
-            cache: true,
+            cache: !whole_image,
         };
         let (row, sink) = self.read(|tx| {
             let head = head_of(tx, key, &fetch)?;
@@ -278,16 +283,18 @@ impl Store {
             })?;
             Ok(StoreError::PosMismatch(pos))
         };
+        // The lease must still be ours if the first check was a while ago (a large body).
+        if lease_checked.elapsed() > r.cfg.max_skew / 2 && check_lease()? != epoch {
+            return Err(StoreError::LeaseMismatch);
+        }
         // The last look before the commit point: the manifest (a conditional GET, usually
-        // unchanged) must still name this generation with nothing merged past our head, and
-        // the lease must still be ours if the first check was a while ago.
+        // unchanged) must still name this generation with nothing merged past our head. From
+        // here to the end of the create takes at most the settle deadline plus one attempt,
+        // which `--gc-grace` must exceed (config::MIN_GC_GRACE).
         if self.recheck_manifest(r, key, &st)?.as_deref() != Some(gn.as_str())
             || local_head()? + 1 != row.min_txid
         {
             return Err(lost(self)?);
-        }
-        if lease_checked.elapsed() > r.cfg.max_skew / 2 && check_lease()? != epoch {
-            return Err(StoreError::LeaseMismatch);
         }
         // The commit lands now: its creation time (which retention counts from) is now.
         let created = super::now_ms();

@@ -52,8 +52,10 @@ impl Store {
             cache: true,
         };
         let got = match self.read(|tx| pages_in(tx, key, pos, pgnos, &fetch, true)) {
-            Err(StoreError::Stale(why)) => {
-                tracing::debug!(db = %key.name, %why, "re-reading the bucket");
+            // The index changed under the read (an object is gone, the database was evicted
+            // from the cache meanwhile): read the bucket again, once.
+            Err(e @ (StoreError::Stale(_) | StoreError::NoDb(_))) => {
+                tracing::debug!(db = %key.name, error = %e, "re-reading the bucket");
                 self.sync_db(r, key, Need::Full)?;
                 self.read(|tx| pages_in(tx, key, pos, pgnos, &fetch, true))
             }

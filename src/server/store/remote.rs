@@ -52,6 +52,8 @@ pub(super) const MAX_GAP_SLOTS: u64 = 8;
 const INDEX_IN_MEMORY: usize = 8 << 20;
 /// Fetched page bytes waiting to enter `page_cache`.
 const STASH_LIMIT: usize = 32 << 20;
+/// Database names with sync state kept in memory before unused ones are pruned.
+const MAX_TRACKED: usize = 10_000;
 
 /// Per-database sync state of this server.
 #[derive(Default)]
@@ -128,10 +130,13 @@ pub struct Remote {
     dbs: Mutex<HashMap<DbKey, Arc<DbSync>>>,
     watchers: Mutex<HashMap<DbKey, usize>>,
     stash: Mutex<Stash>,
-    /// Databases with compaction work this server should do (it committed to them).
-    dirty: Mutex<std::collections::HashSet<DbKey>>,
+    /// Databases with compaction work this server should do (it committed to them, or a sweep
+    /// found garbage), each with the time (ms) before which there is nothing to do.
+    dirty: Mutex<HashMap<DbKey, u64>>,
     /// When each database's generation was last listed for orphans (ms).
     swept: Mutex<HashMap<DbKey, u64>>,
+    /// When the bucket was last swept for garbage-collection work (ms; 0: never).
+    swept_bucket: std::sync::atomic::AtomicU64,
     /// Index rows a new base made redundant, since the last compaction pass read this.
     pub(super) pruned: std::sync::atomic::AtomicU64,
     /// When each database was last used here (for forgetting the least recently used).
@@ -182,6 +187,7 @@ impl Remote {
             dirty: Mutex::new(Default::default()),
             swept: Mutex::new(HashMap::new()),
             pruned: Default::default(),
+            swept_bucket: Default::default(),
             last_used: Mutex::new(HashMap::new()),
             evicted_pages: Default::default(),
             evicted_dbs: Default::default(),
@@ -189,12 +195,35 @@ impl Remote {
     }
 
     pub(super) fn db(&self, key: &DbKey) -> Arc<DbSync> {
-        self.dbs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        let mut dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
+        if dbs.len() >= MAX_TRACKED && !dbs.contains_key(key) {
+            // Names asked about that have no manifest (nonexistent databases) and that nobody
+            // is using right now: forget them, so junk names cannot grow this map without
+            // bound. (Two entries for one name at worst cost a duplicate refresh; the bucket's
+            // conditional create still orders commits.)
+            dbs.retain(|_, st| Arc::strong_count(st) > 1 || st.state().manifest.is_some());
+            self.last_used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| dbs.contains_key(k));
+            self.swept
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| dbs.contains_key(k));
+        }
+        dbs.entry(key.clone()).or_default().clone()
+    }
+
+    /// Refuses names the store cannot hold: on `file://` a database name is a directory name,
+    /// at most 255 bytes.
+    pub(super) fn check_key(&self, key: &DbKey) -> StoreResult<()> {
+        if self.bucket.url().starts_with("file://") && key.name.len() > 255 {
+            return Err(StoreError::BadInput(format!(
+                "database names longer than 255 bytes cannot be kept in a file:// store ({} bytes)",
+                key.name.len()
+            )));
+        }
+        Ok(())
     }
 
     /// How old a manifest read may be before a commit re-reads it: well under the retention, so
@@ -231,12 +260,12 @@ impl Remote {
         keys
     }
 
-    /// Forgets this server's sync state of `key` (its rows were dropped).
+    /// Forgets this server's sync state of `key` (its rows are being dropped): nothing about it
+    /// is current here any more. The entry itself stays (one lock per database).
     pub(super) fn forget(&self, key: &DbKey) {
-        self.dbs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        if let Some(st) = self.dbs.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            st.update(|s| *s = SyncState::default());
+        }
         self.last_used
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -251,7 +280,7 @@ impl Remote {
                 .dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(key)
+                .contains_key(key)
     }
 
     /// Of `keys` (databases indexed here), those not pinned, least recently used first.
@@ -268,15 +297,20 @@ impl Remote {
 
     /// Notes that `key` changed here: the next compaction pass looks at it.
     pub(super) fn mark_dirty(&self, key: &DbKey) {
-        self.set_dirty(key, true);
+        self.set_dirty(key, Some(0));
     }
 
-    pub(super) fn set_dirty(&self, key: &DbKey, dirty: bool) {
+    /// Records when `key` next has compaction work (`None`: nothing pending).
+    pub(super) fn set_dirty(&self, key: &DbKey, next: Option<u64>) {
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        if dirty {
-            d.insert(key.clone());
-        } else {
-            d.remove(key);
+        match next {
+            Some(at) => {
+                let e = d.entry(key.clone()).or_insert(at);
+                *e = (*e).min(at);
+            }
+            None => {
+                d.remove(key);
+            }
         }
     }
 
@@ -288,7 +322,8 @@ impl Remote {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .cloned()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
             .collect();
         let delay = self.gc_delay_ms();
         for (k, st) in self.dbs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -304,6 +339,17 @@ impl Remote {
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// Whether the bucket-wide sweep is due (and notes that it runs now).
+    pub(super) fn sweep_due(&self, now: u64, every_ms: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.swept_bucket.load(Ordering::Relaxed);
+        if last != 0 && now < last + every_ms {
+            return false;
+        }
+        self.swept_bucket.store(now, Ordering::Relaxed);
+        true
     }
 
     /// Whether `key`'s generation is due to be listed for orphans (and notes that it is).
@@ -646,7 +692,11 @@ fn check_loaded(l: &Loaded) -> StoreResult<()> {
     }
     for (i, t) in l.txns.iter().enumerate() {
         let end = l.txns.get(i + 1).map_or(h.slots, |n| n.first_slot);
-        if t.min_txid > t.max_txid || t.first_slot > end || t.page_size != h.page_size {
+        // A transaction without pages (a commit of size 0) may name another page size.
+        if t.min_txid > t.max_txid
+            || t.first_slot > end
+            || (t.page_size != h.page_size && end > t.first_slot)
+        {
             return bad("transaction record");
         }
         if l.txns
@@ -1174,6 +1224,7 @@ impl Store {
     /// Makes the index of `key` current enough for `need` (bucket mode). A database that does
     /// not exist in the bucket has no rows afterwards.
     pub(super) fn sync_db(&self, r: &Remote, key: &DbKey, need: Need) -> StoreResult<()> {
+        r.check_key(key)?;
         r.used(key);
         let st = r.db(key);
         if self.fresh_enough(r, key, &st, need)? {
@@ -1454,8 +1505,8 @@ impl Store {
             let pre = h.as_ref().map_or(0, |h| h.post_apply);
             if l.header.level != 0 || first.min_txid != next || (next > 1 && first.pre_apply != pre)
             {
-                // A stub (merged into a segment the manifest lists) or a commit that does not
-                // follow our head: our view is stale.
+                // Not a commit that follows our head (a segment's key, or our view is stale):
+                // read the manifest again.
                 return Err(StoreError::Stale(format!(
                     "{rel} does not follow the index"
                 )));
@@ -1533,6 +1584,7 @@ impl Store {
     /// Deletes a database from the bucket: its manifest becomes a tombstone (its generation's
     /// objects are garbage from then on), its lease ends, and this server forgets it.
     pub(super) fn delete_bucketed(&self, r: &Remote, key: &DbKey) -> StoreResult<()> {
+        r.check_key(key)?;
         let st = r.db(key);
         let _g = st.lock.lock();
         let rel = layout::manifest(key);
