@@ -523,7 +523,10 @@ impl Remote {
         if header.kind == Kind::Pointer {
             return self.follow_pointer(key, gn, rel, &header, &bytes, keep_data, tmp);
         }
-        let mut idx = IndexReader::new(&header, tmp);
+        // Loads that keep page bytes serve requests (one at a time); the others feed merges of
+        // many objects at once, so they keep less of each index in memory.
+        let in_memory = if keep_data { INDEX_IN_MEMORY } else { 256 << 10 };
+        let mut idx = IndexReader::new(&header, tmp, in_memory);
         let range = header.index_range();
         let have = (bytes.len() as u64).min(range.end);
         idx.feed(
@@ -618,7 +621,7 @@ struct IndexReader {
 }
 
 impl IndexReader {
-    fn new(h: &Header, tmp: &std::path::Path) -> IndexReader {
+    fn new(h: &Header, tmp: &std::path::Path, in_memory: usize) -> IndexReader {
         let r = h.index_range();
         let records_end = r.start + u64::from(h.txns) * format::TXN_RECORD_SIZE as u64;
         IndexReader {
@@ -627,7 +630,7 @@ impl IndexReader {
             entries_end: r.end - 8,
             end: r.end,
             records: Vec::new(),
-            entries: Spill::new(tmp, INDEX_IN_MEMORY),
+            entries: Spill::new(tmp, in_memory),
             crc: [0; 8],
             digest: crate::ltx::CRC64.digest(),
             next: r.start,
