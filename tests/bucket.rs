@@ -763,7 +763,74 @@ fn longest_names() {
     }
 }
 
+/// `litevfs restore` by TXID and by timestamp, on a server that knows nothing but the bucket:
+/// the retained history comes from the bucket's objects, with the times their commits landed.
+fn restore_from_the_bucket_by_txid_and_timestamp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("a");
+    let a = Server::start_in(&data, &[]);
+    let mut history = Vec::new();
+    let mut times = Vec::new();
+    let mut m = Model::new(512);
+    for i in 0..4u8 {
+        m.commit(
+            &a.api(),
+            "r",
+            2,
+            &[(1, page(512, 10 + i)), (2, page(512, 20 + i))],
+        );
+        history.push(m.clone());
+        std::thread::sleep(Duration::from_millis(30));
+        times.push(time::OffsetDateTime::now_utc());
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    drop(a);
+    let b = Server::start_with_bucket_of(&tmp.path().join("b"), &data, &[]);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_litevfs"))
+            .args(args)
+            .args(["--host", &b.base])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let pages_now = |b: &Server| -> Vec<Vec<u8>> {
+        let pos = b.api().pos("r").unwrap().to_string();
+        let r: litevfs::wire::PagesResponse = b
+            .api()
+            .get("/db/page", &[("db", "r"), ("pos", &pos), ("pgno", "1,2")])
+            .ok()
+            .json();
+        r.pages.into_iter().map(|p| p.data).collect()
+    };
+    // Back to what was current just after the second commit, by time.
+    let at = times[1]
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    cli(&["restore", "r", "--timestamp", &at]);
+    assert_eq!(
+        pages_now(&b),
+        vec![history[1].pages[&1].clone(), history[1].pages[&2].clone()]
+    );
+    // And to the first commit, by TXID.
+    cli(&["restore", "r", "--txid", &history[0].pos.txid.to_string()]);
+    assert_eq!(
+        pages_now(&b),
+        vec![history[0].pages[&1].clone(), history[0].pages[&2].clone()]
+    );
+    assert_eq!(
+        b.api().pos("r").unwrap().txid.0,
+        6,
+        "each restore is a new transaction"
+    );
+}
+
 on_bucket_backends!(
+    restore_from_the_bucket_by_txid_and_timestamp,
     longest_names,
     garbage_is_collected_across_restarts,
     commits_never_land_in_a_deleted_generation,

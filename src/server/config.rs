@@ -209,6 +209,10 @@ fn bucket_settings(args: &ServeArgs) -> Result<Option<BucketSettings>, ConfigErr
             max_skew: args.max_clock_skew,
             cache_size: args.cache_size,
             gc_grace: args.gc_grace,
+            sweep_delay: (default_compaction_interval(args.retention, true)
+                .min(args.compaction_interval.unwrap_or(Duration::MAX))
+                * 10)
+                .min(Duration::from_secs(60)),
         },
     }))
 }

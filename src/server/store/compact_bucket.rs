@@ -38,7 +38,8 @@ pub const SEG_FANIN: usize = 8;
 const MAX_MERGE: usize = 64;
 /// Steps one database may take in one pass.
 const MAX_STEPS: usize = 8;
-/// How often the whole bucket is swept for garbage-collection work (ms; also at start).
+/// How often the whole bucket is swept for garbage-collection work (ms; the first sweep comes
+/// ten compaction intervals, at most a minute, after start).
 const SWEEP_MS: u64 = 3_600_000;
 /// How often a database's generation is listed for orphans (ms).
 const ORPHAN_SWEEP_MS: u64 = 3_600_000;

@@ -40,6 +40,9 @@ pub struct RemoteConfig {
     pub cache_size: u64,
     /// Extra time a retired object stays in the bucket after the retention.
     pub gc_grace: Duration,
+    /// How long after start the first bucket-wide garbage sweep waits (not to compete with a
+    /// cold start's first requests).
+    pub sweep_delay: Duration,
 }
 
 /// Page checksums per `base_cks` chunk.
@@ -137,6 +140,8 @@ pub struct Remote {
     swept: Mutex<HashMap<DbKey, u64>>,
     /// When the bucket was last swept for garbage-collection work (ms; 0: never).
     swept_bucket: std::sync::atomic::AtomicU64,
+    /// When this server started (ms).
+    started_ms: u64,
     /// Index rows a new base made redundant, since the last compaction pass read this.
     pub(super) pruned: std::sync::atomic::AtomicU64,
     /// When each database was last used here (for forgetting the least recently used).
@@ -188,6 +193,7 @@ impl Remote {
             swept: Mutex::new(HashMap::new()),
             pruned: Default::default(),
             swept_bucket: Default::default(),
+            started_ms: now_ms(),
             last_used: Mutex::new(HashMap::new()),
             evicted_pages: Default::default(),
             evicted_dbs: Default::default(),
@@ -341,11 +347,17 @@ impl Remote {
         keys
     }
 
-    /// Whether the bucket-wide sweep is due (and notes that it runs now).
+    /// Whether the bucket-wide sweep is due (and notes that it runs now): first
+    /// `sweep_delay` after start, then every `every_ms`.
     pub(super) fn sweep_due(&self, now: u64, every_ms: u64) -> bool {
         use std::sync::atomic::Ordering;
         let last = self.swept_bucket.load(Ordering::Relaxed);
-        if last != 0 && now < last + every_ms {
+        let next = if last == 0 {
+            self.started_ms + self.cfg.sweep_delay.as_millis() as u64
+        } else {
+            last + every_ms
+        };
+        if now < next {
             return false;
         }
         self.swept_bucket.store(now, Ordering::Relaxed);
@@ -525,7 +537,11 @@ impl Remote {
         }
         // Loads that keep page bytes serve requests (one at a time); the others feed merges of
         // many objects at once, so they keep less of each index in memory.
-        let in_memory = if keep_data { INDEX_IN_MEMORY } else { 256 << 10 };
+        let in_memory = if keep_data {
+            INDEX_IN_MEMORY
+        } else {
+            256 << 10
+        };
         let mut idx = IndexReader::new(&header, tmp, in_memory);
         let range = header.index_range();
         let have = (bytes.len() as u64).min(range.end);
