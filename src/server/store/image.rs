@@ -241,7 +241,7 @@ impl<'a> ImageReader<'a> {
             .max(from + 1);
         let mut versions = Vec::new();
         for pgno in (from..end).filter(|&p| p != lock) {
-            let v = page_version(self.tx, self.db_id, pgno, t.max_txid)?
+            let v = page_version(self.tx, self.db_id, pgno, t.max_txid, self.fetch.bucket())?
                 .ok_or(StoreError::NoPrevPage(pgno))?;
             versions.push(v);
         }

@@ -205,7 +205,7 @@ impl Store {
                 }
             }
         }
-        let writer = schema::open_writer(&path)?;
+        let writer = schema::open_writer(&path, remote.is_some())?;
         schema::set_mode(&writer, &mode)?;
         let store_id = match &remote {
             Some(r) => r.store_id.clone(),
@@ -581,6 +581,12 @@ pub(crate) trait Fetch {
     fn batch_bytes(&self) -> usize {
         256 << 10
     }
+
+    /// Whether versions may live in the bucket (bucket mode): lookups then consult the page
+    /// cache and the base image; a local store needs neither.
+    fn bucket(&self) -> bool {
+        false
+    }
 }
 
 /// Local mode: every version's bytes are in `store.db`.
@@ -599,13 +605,32 @@ impl Fetch for LocalBytes {
 }
 
 /// The newest version of `pgno` at or before `txid`: a row of `pages`, else (bucket mode) the
-/// base image. Bytes come from the row, else the page cache, else they are remote.
+/// base image. Bytes come from the row, else (bucket mode) the page cache, else they are
+/// remote.
 fn page_version(
     tx: &Connection,
     db_id: i64,
     pgno: u32,
     txid: u64,
+    bucket: bool,
 ) -> rusqlite::Result<Option<Version>> {
+    if !bucket {
+        return tx
+            .prepare_cached(
+                "SELECT txid, chksum, data FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
+                 ORDER BY txid DESC LIMIT 1",
+            )?
+            .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
+                Ok(Version {
+                    pgno,
+                    txid: r.get::<_, i64>(0)? as u64,
+                    ck: r.get::<_, i64>(1)? as u64,
+                    bytes: Bytes::Here(r.get(2)?),
+                    cached: false,
+                })
+            })
+            .optional();
+    }
     let row = tx
         .prepare_cached(
             "SELECT p.txid, p.chksum, p.data, p.obj, p.slot, c.data FROM pages p

@@ -171,7 +171,7 @@ fn pages_in(
     // Past the byte cap, the rest are prefetch hints a reply may leave out (spec 2.4).
     let mut versions: Vec<Version> = Vec::with_capacity(pgnos.len().min(most));
     for (i, &pgno) in pgnos.iter().enumerate().take(most) {
-        match read_page(tx, db_id, &txn, pgno)? {
+        match read_page(tx, db_id, &txn, pgno, fetch.bucket())? {
             Some(v) => versions.push(v),
             None if i == 0 => return Err(StoreError::NoPage(pgno)),
             None => {}
@@ -221,7 +221,13 @@ fn servable(tx: &Connection, db_id: i64, pos: Pos) -> StoreResult<TxnRow> {
 }
 
 /// The version of `pgno` at `txn`, `None` past its commit size. The lock page reads as zeros.
-fn read_page(tx: &Connection, db_id: i64, txn: &TxnRow, pgno: u32) -> StoreResult<Option<Version>> {
+fn read_page(
+    tx: &Connection,
+    db_id: i64,
+    txn: &TxnRow,
+    pgno: u32,
+    bucket: bool,
+) -> StoreResult<Option<Version>> {
     if pgno == 0 || pgno > txn.commit {
         return Ok(None);
     }
@@ -235,7 +241,7 @@ fn read_page(tx: &Connection, db_id: i64, txn: &TxnRow, pgno: u32) -> StoreResul
             cached: false,
         }));
     }
-    match page_version(tx, db_id, pgno, txn.max_txid)? {
+    match page_version(tx, db_id, pgno, txn.max_txid, bucket)? {
         Some(v) => Ok(Some(v)),
         None => Err(StoreError::NoPrevPage(pgno)),
     }

@@ -1094,6 +1094,10 @@ impl Fetch for RemoteBytes<'_> {
         MAX_RANGE as usize
     }
 
+    fn bucket(&self) -> bool {
+        true
+    }
+
     fn batch(&self, tx: &Connection, db_id: i64, vs: &[Version]) -> StoreResult<Vec<Vec<u8>>> {
         let mut out: Vec<Option<Vec<u8>>> = vec![None; vs.len()];
         let mut remote: Vec<(usize, Loc)> = Vec::new();

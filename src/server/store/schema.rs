@@ -110,8 +110,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size the write-ahead log is truncated to when it restarts after a checkpoint.
 const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
-/// Opens (creating if needed) the writer connection and applies the schema.
-pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+/// Opens (creating if needed) the writer connection and applies the schema. `cache`: a bucket's
+/// cache, which must be able to give evicted space back (incremental auto-vacuum, which costs
+/// a local store extra writes on every commit, so it is off there).
+pub fn open_writer(path: &Path, cache: bool) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Takes effect only on a new file: 8 KiB store pages hold a 4 KiB page version in one
@@ -124,8 +126,10 @@ pub fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
     // autocheckpoint size, so steady writing does not truncate and regrow it every cycle).
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    // Takes effect only on a new file: lets the bucket cache give evicted space back.
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    if cache {
+        // Takes effect only on a new file.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.execute_batch(SCHEMA)?;
     for (table, column, ty) in ADDED_COLUMNS {
         let has: bool = conn

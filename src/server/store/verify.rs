@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use rusqlite::Connection;
 
-use super::{StoreError, StoreResult, TxnRow, page_ck, page_version};
+use super::{Bytes, StoreError, StoreResult, TxnRow, page_ck, page_version};
 use crate::ltx::{self, EMPTY_CHECKSUM, checksum_xor, lock_page, page_checksum};
 use crate::wire::Pos;
 
@@ -78,10 +78,14 @@ impl Head<'_> {
         let Some(db_id) = self.db_id else {
             return Ok(None);
         };
-        let Some(v) = page_version(self.tx, db_id, pgno, self.txid())? else {
+        let Some(v) = page_version(self.tx, db_id, pgno, self.txid(), self.fetch.bucket())? else {
             return Ok(None);
         };
-        let same = v.ck == ck && self.fetch.bytes(self.tx, db_id, &v)? == data;
+        let same = v.ck == ck
+            && match &v.bytes {
+                Bytes::Here(old) => old.as_slice() == data,
+                Bytes::Remote(_) => self.fetch.bytes(self.tx, db_id, &v)? == data,
+            };
         Ok(Some(Old { ck: v.ck, same }))
     }
 
