@@ -964,13 +964,7 @@ pub(super) fn base_version(
     pgno: u32,
     txid: u64,
 ) -> rusqlite::Result<Option<Version>> {
-    let Some((obj, base_txid, commit, ps)) = base_of(tx, db_id)? else {
-        return Ok(None);
-    };
-    if base_txid > txid || pgno > commit {
-        return Ok(None);
-    }
-    let Some(slot) = format::image_slot(ps, pgno) else {
+    let Some((obj, base_txid, slot)) = base_slot(tx, db_id, pgno, txid)? else {
         return Ok(None);
     };
     let Some(ck) = base_ck(tx, obj, slot)? else {
@@ -1016,16 +1010,27 @@ pub(super) fn base_page_ck(
     pgno: u32,
     txid: u64,
 ) -> rusqlite::Result<Option<u64>> {
+    match base_slot(tx, db_id, pgno, txid)? {
+        Some((obj, _, slot)) => base_ck(tx, obj, slot),
+        None => Ok(None),
+    }
+}
+
+/// Where the base of `db_id` holds `pgno`, if the base is at or below `txid` and holds it:
+/// the base object, its TXID and the page's slot.
+fn base_slot(
+    tx: &Connection,
+    db_id: i64,
+    pgno: u32,
+    txid: u64,
+) -> rusqlite::Result<Option<(i64, u64, u64)>> {
     let Some((obj, base_txid, commit, ps)) = base_of(tx, db_id)? else {
         return Ok(None);
     };
     if base_txid > txid || pgno > commit {
         return Ok(None);
     }
-    match format::image_slot(ps, pgno) {
-        Some(slot) => base_ck(tx, obj, slot),
-        None => Ok(None),
-    }
+    Ok(format::image_slot(ps, pgno).map(|slot| (obj, base_txid, slot)))
 }
 
 /// Where the bucket holds a version that was served from the cache.
