@@ -4,7 +4,8 @@
 //! Invariants:
 //! - every accepted transaction (an LTX file, an upload, a restore) is exactly one SQLite
 //!   transaction on the single writer connection, committed with `synchronous=FULL` before the
-//!   caller replies, so a crash leaves each database at its last acknowledged position;
+//!   caller replies, so a crash leaves each database at its last acknowledged position; the
+//!   reply waits for nothing else (checkpoints run on their own thread, [`checkpoint`]);
 //! - bad input is detected inside that transaction and rolls it back, so it changes nothing;
 //! - every position newer than the retention window can be read back page by page.
 //!
@@ -12,6 +13,7 @@
 //! HTTP; [`StoreError`] is mapped to wire codes by the server.
 
 mod apply;
+mod checkpoint;
 mod compact_bucket;
 mod evict;
 pub(super) mod image;
@@ -156,6 +158,8 @@ pub struct Store {
     store_id: String,
     /// Bucket mode (`--store`): the bucket and this server's view of it.
     remote: Option<Arc<remote::Remote>>,
+    /// Checkpoints the log after writes, off the reply path.
+    checkpointer: checkpoint::Checkpointer,
     /// `DATA_DIR/LOCK`, flocked for the store's lifetime (released by the kernel on exit).
     _lock: std::fs::File,
 }
@@ -211,7 +215,9 @@ impl Store {
             Some(r) => r.store_id.clone(),
             None => store_id(&writer)?,
         };
+        let checkpointer = checkpoint::Checkpointer::start(&path)?;
         Ok(Store {
+            checkpointer,
             path,
             tmp_dir,
             writer: Mutex::new(writer),
@@ -308,6 +314,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
+        self.checkpointer.kick();
         Ok(out)
     }
 

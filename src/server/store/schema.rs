@@ -108,7 +108,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size the write-ahead log is truncated to when it restarts after a checkpoint.
-const WAL_SIZE_LIMIT: i64 = 16 << 20;
+pub(super) const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
 /// Opens (creating if needed) the writer connection and applies the schema. `cache`: a bucket's
 /// cache, which must be able to give evicted space back (incremental auto-vacuum, which costs
@@ -125,6 +125,8 @@ pub fn open_writer(path: &Path, cache: bool) -> rusqlite::Result<Connection> {
     // at that size unless told otherwise; when it restarts, cut it back to this (twice the
     // autocheckpoint size, so steady writing does not truncate and regrow it every cycle).
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    // Checkpoints run on their own thread ([`super::checkpoint`]), never inside a commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     if cache {
         // Takes effect only on a new file.
