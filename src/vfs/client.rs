@@ -85,6 +85,7 @@ pub struct Client {
     token: Option<String>,
     cluster: Option<String>,
     cluster_id: String,
+    commit_deadline: Duration,
 }
 
 impl Client {
@@ -106,11 +107,17 @@ impl Client {
             token: config.token.clone(),
             cluster: config.cluster.clone(),
             cluster_id,
+            commit_deadline: config.commit_deadline,
         })
     }
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// How long a commit whose reply was lost is pursued (`LITEVFS_COMMIT_DEADLINE`).
+    pub fn commit_deadline(&self) -> Duration {
+        self.commit_deadline
     }
 
     fn request(
@@ -299,7 +306,7 @@ impl Client {
     }
 
     /// `POST /db/tx`: uploads one LTX file under the given lease.
-    pub fn write_tx(&self, db: &str, lease_id: &str, ltx: Vec<u8>) -> Result<()> {
+    pub fn write_tx(&self, db: &str, lease_id: &str, ltx: bytes::Bytes) -> Result<()> {
         let rb = self
             .request(reqwest::Method::POST, "/db/tx", &[("db", db.to_string())])
             .header(HEADER_LEASE_ID, lease_id)

@@ -24,6 +24,23 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// `LITEVFS_LOG_FILE`: log here instead of stderr.
     pub log_file: Option<PathBuf>,
+    /// `LITEVFS_COMMIT_DEADLINE` (seconds): how long a commit whose reply was lost is pursued
+    /// before its outcome is reported unknown.
+    pub commit_deadline: Duration,
+}
+
+/// Default of `LITEVFS_COMMIT_DEADLINE`.
+pub const DEFAULT_COMMIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Parses `LITEVFS_COMMIT_DEADLINE`: seconds, 1 to 3600.
+pub fn parse_commit_deadline(v: &str) -> Result<Duration, String> {
+    match v.trim().parse::<u64>() {
+        Ok(s @ 1..=3600) => Ok(Duration::from_secs(s)),
+        _ => Err(format!(
+            "invalid LITEVFS_COMMIT_DEADLINE {v:?}: whole seconds from 1 to 3600; using {}",
+            DEFAULT_COMMIT_DEADLINE.as_secs()
+        )),
+    }
 }
 
 impl Config {
@@ -37,6 +54,13 @@ impl Config {
             cluster: var("LITEFS_CLOUD_CLUSTER"),
             cache_dir: var("LITEVFS_CACHE_DIR").map(PathBuf::from),
             log_file: var("LITEVFS_LOG_FILE").map(PathBuf::from),
+            commit_deadline: var("LITEVFS_COMMIT_DEADLINE").map_or(DEFAULT_COMMIT_DEADLINE, |v| {
+                parse_commit_deadline(&v).unwrap_or_else(|e| {
+                    // Logging is not set up yet when the environment is read.
+                    eprintln!("litevfs: {e}");
+                    DEFAULT_COMMIT_DEADLINE
+                })
+            }),
         }
     }
 }

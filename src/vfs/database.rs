@@ -35,6 +35,11 @@ pub struct Stats {
     pub commits: AtomicU64,
     /// Fetched pages whose checksum the store sent and we checked.
     pub checksums_verified: AtomicU64,
+    /// Commits whose reply was lost, and how each was settled ([`super::resolve`]).
+    pub lost_replies: AtomicU64,
+    pub lost_replies_landed: AtomicU64,
+    pub lost_replies_failed: AtomicU64,
+    pub commits_unknown: AtomicU64,
 }
 
 /// Checks a fetched page: requested, one valid page long, page 1 a SQLite header of that page
@@ -536,6 +541,7 @@ mod tests {
             cluster: None,
             cache_dir: None,
             log_file: None,
+            commit_deadline: super::super::config::DEFAULT_COMMIT_DEADLINE,
         };
         let client = Arc::new(Client::new(&cfg).unwrap());
         let cache = Cache::open(dir, "d", false).unwrap().unwrap();

@@ -9,12 +9,17 @@ use sqlite_plugin::vars;
 use super::cache::CacheError;
 use super::client::ClientError;
 use crate::ltx::LtxError;
-use crate::wire::Pos;
+use crate::wire::{ErrorCode, Pos};
 
 /// Extended result code for "the page store can no longer serve the position this transaction
 /// reads" (`EPOSMISMATCH` on a page fetch): `SQLITE_IOERR | (0x504F53 << 8)`, the same value the
 /// original LiteVFS used. The statement fails; the next transaction starts at the new position.
 pub const LITEVFS_IOERR_POS_MISMATCH: i32 = vars::SQLITE_IOERR | (0x504F53 << 8);
+
+/// Extended result code for "the reply to this commit was lost and the page store stayed
+/// unreachable until `LITEVFS_COMMIT_DEADLINE`: the transaction may or may not be in the store":
+/// `SQLITE_IOERR | (0x554E4B << 8)` ("UNK").
+pub const LITEVFS_IOERR_COMMIT_UNKNOWN: i32 = vars::SQLITE_IOERR | (0x554E4B << 8);
 
 /// Extended result code for "this query needed more remote requests than
 /// `litevfs_max_reqs_per_query` allows": `SQLITE_ABORT | (0x524551 << 8)` ("REQ").
@@ -64,6 +69,18 @@ pub enum Error {
          (litevfs_max_reqs_per_query); raise the limit or load the database with PRAGMA litevfs_cache_db"
     )]
     TooManyRequests { db: String, limit: u32 },
+    #[error(
+        "database {db:?}: the outcome of this commit (position {pos}) is unknown: its reply was \
+         lost and the page store did not answer within LITEVFS_COMMIT_DEADLINE ({}s); the \
+         transaction may be in the store: look before retrying it (last error: {last})",
+        deadline.as_secs()
+    )]
+    CommitUnknown {
+        db: String,
+        pos: Pos,
+        deadline: std::time::Duration,
+        last: Box<ClientError>,
+    },
     #[error("database {db:?}: page {pgno} from the page store failed verification: {why}")]
     BadPage { db: String, pgno: u32, why: String },
     #[error(transparent)]
@@ -95,6 +112,7 @@ impl Error {
             Error::NoLease(_) | Error::WalWrite(_) => vars::SQLITE_READONLY,
             Error::LeaseBusy { .. } | Error::Busy => vars::SQLITE_BUSY,
             Error::RemoteChanged { .. } => LITEVFS_IOERR_POS_MISMATCH,
+            Error::CommitUnknown { .. } => LITEVFS_IOERR_COMMIT_UNKNOWN,
             Error::TooManyRequests { .. } => LITEVFS_ABORT_TOO_MANY_REQUESTS,
             Error::BadPage { .. } => vars::SQLITE_IOERR_READ,
             Error::Cache(_) | Error::Ltx(_) | Error::Panic(_) => io_code(op),
@@ -116,6 +134,15 @@ fn client_code(e: &ClientError, op: Op) -> i32 {
             Op::Open | Op::Write | Op::Lock | Op::Commit => vars::SQLITE_BUSY_SNAPSHOT,
             Op::Pragma => vars::SQLITE_BUSY,
         },
+        // A write refused because the lease is gone: as writing without it.
+        ClientError::Api { .. }
+            if matches!(
+                e.api_code(),
+                Some(ErrorCode::NoLease | ErrorCode::LeaseMismatch)
+            ) && matches!(op, Op::Write | Op::Commit) =>
+        {
+            vars::SQLITE_READONLY
+        }
         ClientError::Unreachable { .. }
         | ClientError::Api { .. }
         | ClientError::BadResponse { .. } => io_code(op),
@@ -142,6 +169,16 @@ mod tests {
         assert_eq!(LITEVFS_IOERR_POS_MISMATCH, 0x504F530A);
         assert_eq!(LITEVFS_IOERR_POS_MISMATCH & 0xff, vars::SQLITE_IOERR);
         assert_eq!(LITEVFS_ABORT_TOO_MANY_REQUESTS & 0xff, vars::SQLITE_ABORT);
+        assert_eq!(LITEVFS_IOERR_COMMIT_UNKNOWN, 0x554E4B0A);
+        assert_eq!(LITEVFS_IOERR_COMMIT_UNKNOWN & 0xff, vars::SQLITE_IOERR);
+        let lost = Error::Client(ClientError::Api {
+            host: "h".into(),
+            status: 409,
+            code: ErrorCode::LeaseMismatch.as_str().into(),
+            message: "lease expired".into(),
+        });
+        assert_eq!(lost.code(Op::Commit), vars::SQLITE_READONLY);
+        assert_eq!(lost.code(Op::Read), vars::SQLITE_IOERR_READ);
         let e = Error::RemoteChanged {
             db: "x".into(),
             pos: Pos::new(2, 1 << 63),

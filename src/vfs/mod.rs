@@ -8,7 +8,8 @@
 //! - [`ext`]: entry points, environment, logging setup
 //! - [`file`]: SQLite-facing files, locks, commit detection, pragma routing
 //! - [`pragma`]: `PRAGMA litevfs_*` parsed and evaluated
-//! - [`database`], [`pager`], [`writer`]: per-database state, reads, writes and commits
+//! - [`database`], [`pager`], [`writer`]: per-database state, reads, writes and commits;
+//!   [`resolve`]: settling a commit whose reply was lost
 //! - [`commit`]: the LTX of a transaction
 //! - [`cache`]: the local disk page cache; [`prefetch`]: what else to fetch on a miss
 //! - [`sync`]: the change poller; [`lease`]: write leases
@@ -31,6 +32,7 @@ pub mod lock;
 pub mod pager;
 pub mod pragma;
 pub mod prefetch;
+pub mod resolve;
 pub mod sync;
 pub mod writer;
 

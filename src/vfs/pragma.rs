@@ -190,6 +190,10 @@ fn stats_json(db: &Database) -> String {
         "bytes_fetched": s.bytes_fetched.load(Relaxed),
         "commits": s.commits.load(Relaxed),
         "checksums_verified": s.checksums_verified.load(Relaxed),
+        "lost_replies": s.lost_replies.load(Relaxed),
+        "lost_replies_landed": s.lost_replies_landed.load(Relaxed),
+        "lost_replies_failed": s.lost_replies_failed.load(Relaxed),
+        "commits_unknown": s.commits_unknown.load(Relaxed),
         "page_size": st.page_size,
         "db_pages": st.size,
     })

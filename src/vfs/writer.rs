@@ -14,6 +14,7 @@ use super::database::{Database, State, WriteTxn};
 use super::error::{Error, Result};
 use super::lock::ConnId;
 use crate::ltx::valid_page_size;
+use crate::wire::ErrorCode;
 
 impl Database {
     /// Writes whole pages of the main database file inside the connection's write transaction.
@@ -140,11 +141,26 @@ impl Database {
             .map(|l| l.id.clone());
         let lease_id = lease_id.ok_or_else(|| Error::NoLease(self.name.clone()))?;
         self.stats.requests.fetch_add(1, Relaxed);
-        if let Err(e) = self.client.write_tx(&self.name, &lease_id, built.ltx) {
-            if matches!(e, super::client::ClientError::PosMismatch { .. }) {
+        if let Err(e) = self.ship(base.pos, built.pos, &lease_id, built.ltx) {
+            // Moved elsewhere, or unknown: the next transaction must learn the store's position.
+            if matches!(
+                e,
+                Error::Client(super::client::ClientError::PosMismatch { .. })
+                    | Error::CommitUnknown { .. }
+            ) {
                 st.stale = true;
             }
-            return Err(e.into());
+            if let Error::Client(c) = &e
+                && matches!(
+                    c.api_code(),
+                    Some(ErrorCode::NoLease | ErrorCode::LeaseMismatch)
+                )
+            {
+                // The store no longer knows our lease: later writes need a new one.
+                tracing::warn!(db = %self.name, "the write lease was lost: {c}");
+                *self.lease.lock() = None;
+            }
+            return Err(e);
         }
         tracing::debug!(db = %self.name, pos = %built.pos, pages = built.pages.len(), "committed");
         let bounds = self.bounds();

@@ -219,3 +219,103 @@ def big_db(tmp_path):
         create index iv on t(v);
         """,
     )
+
+
+class LossyProxy:
+    """A loopback HTTP/1.1 proxy in front of a server that loses replies to `POST /db/tx` on demand.
+
+    Each request goes upstream on its own connection (`Connection: close`, so the reply ends at
+    EOF, chunked or not). `lose(n, how)` applies to the next n commits:
+      - "reply": the commit reaches the store, its reply is dropped (the connection closes);
+      - "request": the commit never reaches the store (the connection closes);
+      - "reply-then-down": as "reply", and every later request fails until `up()`.
+    """
+
+    def __init__(self, upstream_port):
+        import socket
+
+        self.upstream = upstream_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lock = threading.Lock()
+        self.plan = []
+        self.down = False
+        self.lost = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def lose(self, n, how):
+        with self.lock:
+            self.plan += [how] * n
+
+    def up(self):
+        self.down = False
+
+    def close(self):
+        self.sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(c):
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = c.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        head, body = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = [l for l in lines[1:] if not l.lower().startswith("connection:")]
+        length = next((int(l.split(":", 1)[1]) for l in headers if l.lower().startswith("content-length:")), 0)
+        while len(body) < length:
+            chunk = c.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+        return lines[0], headers, body
+
+    def _serve(self, c):
+        import socket
+
+        with c:
+            while True:
+                req = self._read_request(c)
+                if req is None or self.down:
+                    return
+                line, headers, body = req
+                how = None
+                if line.startswith("POST /db/tx"):
+                    with self.lock:
+                        how = self.plan.pop(0) if self.plan else None
+                if how == "request":
+                    self.lost += 1
+                    return
+                up = socket.create_connection(("127.0.0.1", self.upstream), timeout=HANG_GUARD)
+                with up:
+                    up.sendall(("\r\n".join([line, *headers, "Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
+                    resp = b""
+                    while chunk := up.recv(65536):
+                        resp += chunk
+                if how is not None:
+                    self.lost += 1
+                    if how == "reply-then-down":
+                        self.down = True
+                    return
+                c.sendall(resp)
+                return
+
+
+@pytest.fixture
+def lossy(server):
+    p = LossyProxy(server.port)
+    yield p
+    p.close()

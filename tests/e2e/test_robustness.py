@@ -223,3 +223,66 @@ def test_a_store_that_never_answers_fails_the_read_instead_of_hanging(server, ag
         for c in held:
             c.close()
         hole.close()
+
+
+LITEVFS_IOERR_COMMIT_UNKNOWN = 0x554E4B0A  # SQLITE_IOERR | (0x554E4B << 8)
+
+
+def test_a_commit_whose_reply_is_lost_is_settled_exactly_once(server, lossy, agent, tmp_path):
+    """The reply to a commit is lost after it landed, or the commit never arrives: either way
+    COMMIT succeeds and the row is in the store exactly once."""
+    w = agent(LITEFS_CLOUD_HOST=lossy.url)
+    w.sql("lost", "pragma litevfs_acquire_lease")
+    w.sql("lost", "create table t(id integer primary key, v text)")
+    for i, how in enumerate(["reply", "request", "reply", "request"]):
+        lossy.lose(1, how)
+        w.sql("lost", "insert into t(v) values (?)", args=[f"row{i}"])
+    assert lossy.lost == 4
+    s = w.stats("lost")
+    assert (s["lost_replies"], s["lost_replies_landed"], s["commits_unknown"]) == (4, 4, 0), s
+    # A reader straight on the store sees each row once, and the writer goes on writing.
+    w.sql("lost", "insert into t(v) values ('after')")
+    r = agent()
+    assert r.sql("lost", "select v from t order by id") == [["row0"], ["row1"], ["row2"], ["row3"], ["after"]]
+    assert r.one("lost", "pragma integrity_check") == "ok"
+
+
+def test_a_commit_with_the_store_gone_past_the_deadline_is_reported_unknown(server, lossy, agent):
+    w = agent(LITEFS_CLOUD_HOST=lossy.url, LITEVFS_COMMIT_DEADLINE=2)
+    w.sql("unk", "pragma litevfs_acquire_lease")
+    w.sql("unk", "create table t(v)")
+    lossy.lose(1, "reply-then-down")
+    r = w.run("unk", "insert into t values ('landed')")
+    assert not r["ok"] and r["code"] == LITEVFS_IOERR_COMMIT_UNKNOWN, r
+    msg = w.one("unk", "pragma litevfs_last_error")
+    assert "outcome of this commit" in msg and "LITEVFS_COMMIT_DEADLINE (2s)" in msg, msg
+    assert w.stats("unk")["commits_unknown"] == 1
+    # The store is back: the writer learns that the commit did land, and writes on from there.
+    lossy.up()
+    assert w.sql("unk", "select v from t") == [["landed"]]
+    w.sql("unk", "insert into t values ('next')")
+    assert agent().sql("unk", "select v from t order by rowid") == [["landed"], ["next"]]
+
+
+def test_a_bad_commit_deadline_is_named_and_the_default_used(server, env):
+    out = shell("select 1;", env(LITEVFS_COMMIT_DEADLINE="soon"))
+    assert "invalid LITEVFS_COMMIT_DEADLINE" in out.stderr, out.stderr
+    assert out.stdout.strip() == "1"
+
+
+def test_a_commit_refused_for_a_lost_lease_fails_readonly(server, agent):
+    w = agent()
+    w.sql("ll", "pragma litevfs_acquire_lease")
+    w.sql("ll", "create table t(v)")
+    w.sql("ll", "begin")
+    w.sql("ll", "insert into t values ('lost')")
+    # A local-mode store forgets its leases when it restarts.
+    server.stop()
+    server.start()
+    r = w.run("ll", "commit")
+    assert not r["ok"] and r["code"] & 0xFF == 8, r  # SQLITE_READONLY
+    w.run("ll", "rollback")
+    assert w.sql("ll", "select count(*) from t") == [[0]]
+    w.sql("ll", "pragma litevfs_acquire_lease")
+    w.sql("ll", "insert into t values ('kept')")
+    assert agent().sql("ll", "select v from t") == [["kept"]]
