@@ -650,8 +650,105 @@ fn stalled_request_body_is_refused() {
             reply.starts_with("HTTP/1.1 400") && reply.contains("EBADINPUT"),
             "{path}: {reply:?}"
         );
+        // Answered as the stall timeout ends, not after another wait to drain the body.
+        assert!(reply.contains("connection: close"), "{path}: {reply:?}");
     }
     assert!(s.api().positions().is_empty());
+}
+
+/// Reads one HTTP reply head (and what came with it) from a raw socket.
+fn raw_exchange(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    sock.write_all(request.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A body declared larger than --max-body-size, from a client waiting for `100 Continue`, is
+/// refused at once: the client is never asked to send it.
+#[test]
+fn oversized_body_is_refused_before_100_continue() {
+    let s = Server::start(&["--max-body-size", "1MiB"]);
+    let addr = s.base.strip_prefix("http://").unwrap();
+    for path in ["/db/tx?db=x", "/db/upload?db=x", "/sync"] {
+        let reply = raw_exchange(
+            addr,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\
+                 Expect: 100-continue\r\n\r\n"
+            ),
+        );
+        assert!(
+            reply.starts_with("HTTP/1.1 413") && reply.contains("ETOOLARGE"),
+            "{path}: {reply:?}"
+        );
+    }
+    assert!(s.api().positions().is_empty());
+}
+
+/// Ambiguous requests: a body with both Content-Length and chunked encoding is read by its
+/// chunks and the connection closed after one reply, so nothing is smuggled behind it; a query
+/// parameter given twice is refused (which of the two a server would use is a guess).
+#[test]
+fn ambiguous_requests_are_refused() {
+    use std::io::{Read, Write};
+    let s = Server::start(&[]);
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // By Content-Length the body is "0\r\n\r\n" and a DELETE follows; by chunks the body is
+    // empty and "DELETE ..." would be a second request. Neither may run.
+    write!(
+        sock,
+        "POST /lease?db=x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+         DELETE /db?db=x HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    sock.read_to_end(&mut reply).expect("closed by the server");
+    let reply = String::from_utf8_lossy(&reply);
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply:?}");
+    assert!(reply.contains("connection: close"), "{reply:?}");
+    assert!(
+        s.api().positions().contains_key("x"),
+        "the DELETE did not run"
+    );
+    let api = s.api();
+    for q in [
+        &[("db", "a"), ("db", "../x"), ("pgno", "1")][..],
+        &[
+            ("db", "a"),
+            ("pgno", "1"),
+            ("pos", "0000000000000001/0000000000000000"),
+            ("pos", "x"),
+        ],
+        &[
+            ("db", "a"),
+            ("cluster", "c"),
+            ("cluster", "d"),
+            ("pgno", "1"),
+        ],
+    ] {
+        let e = api.get("/db/page", q).err(400, "EBADINPUT");
+        assert!(e.error.contains("more than once"), "{q:?}: {}", e.error);
+    }
+    let e = api
+        .send(api.req(reqwest::Method::POST, "/lease", &[("db", "a"), ("db", "b")]))
+        .err(400, "EBADINPUT");
+    assert!(e.error.contains("\"db\""), "{}", e.error);
+    assert_eq!(api.positions().keys().collect::<Vec<_>>(), ["x"]);
 }
 
 /// A client that opens connections and never finishes a request head (slowloris), or leaves

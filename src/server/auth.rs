@@ -20,15 +20,30 @@ use crate::wire::{ErrorCode, validate_cluster_name};
 /// Cluster used when a request names none.
 pub const DEFAULT_CLUSTER: &str = "default";
 
-/// Decoded query parameters, in order, repeats kept.
+/// Decoded query parameters, in order. Only [`REPEATABLE`] parameters may appear more than once.
 #[derive(Clone, Debug, Default)]
 pub struct Params(pub Vec<(String, String)>);
 
+/// Parameters that may be repeated (`pgno=1&pgno=2`); any other repeat is refused, since which
+/// of two values a server uses (`db=a&db=../x`) must never be a guess.
+pub const REPEATABLE: &[&str] = &["pgno"];
+
 impl Params {
     pub fn from_parts(parts: &Parts) -> ApiResult<Params> {
-        Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+        let q = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
             .map(|q| Params(q.0))
-            .map_err(|e| ApiError::new(ErrorCode::BadInput, format!("invalid query string: {e}")))
+            .map_err(|e| {
+                ApiError::new(ErrorCode::BadInput, format!("invalid query string: {e}"))
+            })?;
+        for (i, (k, _)) in q.0.iter().enumerate() {
+            if !REPEATABLE.contains(&k.as_str()) && q.0[..i].iter().any(|(p, _)| p == k) {
+                return Err(ApiError::new(
+                    ErrorCode::BadInput,
+                    format!("query parameter {k:?} given more than once"),
+                ));
+            }
+        }
+        Ok(q)
     }
 
     /// The first value of `name`.

@@ -4,9 +4,14 @@
 //! body larger than [`MEMORY_LIMIT`] is held in memory: it goes to an anonymous temporary file in
 //! `DATA_DIR/tmp` that disappears when dropped. Bodies are read completely before the store
 //! sees them, so a slow client never holds the store's writer; a body that makes no progress
-//! for `--stall-timeout` is refused (400 `EBADINPUT`), so a stalled client holds nothing forever.
-//! After any error reply, the unread rest of a body is drained (bounded) so the client sees the
-//! error rather than a reset connection.
+//! for `--stall-timeout` is refused (400 `EBADINPUT`, once that timeout has passed, and the
+//! connection closed), so a stalled client holds nothing forever. A `Content-Length` over the
+//! limit with `Expect: 100-continue` is refused at once, before the client is asked to send.
+//! After any other error reply, the unread rest of a body is drained (bounded) so the client
+//! sees the error rather than a reset connection. (A request with both `Content-Length` and
+//! `Transfer-Encoding` never gets here with both: hyper reads it by `Transfer-Encoding` alone and
+//! closes the connection after the reply, as RFC 9112 section 6.3 requires, so nothing can be
+//! smuggled behind it.)
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -19,7 +24,7 @@ use axum::body::Body;
 use axum::http::HeaderMap;
 use futures_util::StreamExt;
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, CloseAfterReply};
 use crate::wire::ErrorCode;
 
 /// Bodies up to this size stay in memory.
@@ -135,7 +140,8 @@ pub async fn drain_after_error(
     let shared = Arc::new(Mutex::new(Some(body)));
     let req = axum::extract::Request::from_parts(parts, Body::new(SharedBody(shared.clone())));
     let resp = next.run(req).await;
-    if resp.status().is_client_error() || resp.status().is_server_error() {
+    let failed = resp.status().is_client_error() || resp.status().is_server_error();
+    if failed && resp.extensions().get::<CloseAfterReply>().is_none() {
         let rest = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rest) = rest {
             drain(rest.into_data_stream(), app.config.stall_timeout).await;
@@ -160,8 +166,25 @@ where
         Err(_) => Err(ApiError::new(
             ErrorCode::BadInput,
             format!("request body stalled: no data for {}ms", stall.as_millis()),
-        )),
+        )
+        .closing()),
     }
+}
+
+/// 413 for a declared length over `limit`: at once when the client waits for `100 Continue`
+/// (it has sent nothing, so there is nothing to drain), else after draining what it sends.
+async fn refuse_declared<S>(headers: &HeaderMap, stream: S, limit: u64, stall: Duration) -> ApiError
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
+{
+    let expects = headers
+        .get(axum::http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects {
+        return too_large(limit).closing();
+    }
+    reject(stream, limit, stall).await
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -184,7 +207,7 @@ pub async fn spool(
 ) -> ApiResult<Spool> {
     let mut stream = body.into_data_stream();
     if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(reject(stream, limit, stall).await);
+        return Err(refuse_declared(headers, stream, limit, stall).await);
     }
     let mut mem = Vec::new();
     let mut file: Option<(std::fs::File, u64)> = None;
@@ -223,7 +246,7 @@ pub async fn read_small(
 ) -> ApiResult<Vec<u8>> {
     let mut stream = body.into_data_stream();
     if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(reject(stream, limit, stall).await);
+        return Err(refuse_declared(headers, stream, limit, stall).await);
     }
     let mut out = Vec::new();
     while let Some(chunk) = next_chunk(&mut stream, stall).await? {

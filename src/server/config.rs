@@ -124,6 +124,10 @@ pub enum ConfigError {
     TokenSpec(String),
     #[error("invalid cluster {0:?} in a token spec: {1}")]
     TokenCluster(String, crate::wire::NameError),
+    #[error(
+        "token {0} is configured twice ({1} and {2}); each token must have one grant: remove one"
+    )]
+    DuplicateToken(String, String, String),
     #[error("cannot read tokens file {0}: {1}")]
     TokensFile(PathBuf, std::io::Error),
     #[error("cannot resolve listen address {0:?}: {1}")]
@@ -220,19 +224,33 @@ fn bucket_settings(args: &ServeArgs) -> Result<Option<BucketSettings>, ConfigErr
 impl Config {
     pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
         let mut tokens = HashMap::new();
-        for spec in &args.tokens {
+        // Where each token was given, to name both places of a duplicate.
+        let mut from: HashMap<String, String> = HashMap::new();
+        let mut add = |spec: &str, place: String| -> Result<(), ConfigError> {
             let (t, g) = parse_token(spec)?;
+            if let Some(first) = from.get(&t) {
+                return Err(ConfigError::DuplicateToken(
+                    redact(&t),
+                    first.clone(),
+                    place,
+                ));
+            }
+            from.insert(t.clone(), place);
             tokens.insert(t, g);
+            Ok(())
+        };
+        for (i, spec) in args.tokens.iter().enumerate() {
+            add(spec, format!("--token/LITEVFS_TOKENS entry {}", i + 1))?;
         }
         if let Some(path) = &args.tokens_file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::TokensFile(path.clone(), e))?;
-            for line in text.lines().map(str::trim) {
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
-                let (t, g) = parse_token(line)?;
-                tokens.insert(t, g);
+                add(line, format!("line {} of {}", n + 1, path.display()))?;
             }
         }
         let listen = resolve(&args.listen)?;
@@ -275,6 +293,12 @@ fn resolve(listen: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|e| err(e.to_string()))?
         .next()
         .ok_or_else(|| err("no address".into()))
+}
+
+/// A token as error messages show it: its first four characters.
+fn redact(token: &str) -> String {
+    let head: String = token.chars().take(4).collect();
+    format!("{head:?}…")
 }
 
 /// Parses `TOKEN=CLUSTER:rw|ro`. The token may itself contain `=`; the last one separates.
@@ -398,5 +422,50 @@ mod tests {
         ] {
             assert!(parse_token(bad).is_err(), "{bad}");
         }
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let argv = std::iter::once("serve").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().serve
+    }
+
+    #[test]
+    fn a_token_given_twice_is_refused_naming_both_places() {
+        let e = Config::from_args(&serve_args(&["--token", "s3cret=a:rw,s3cret=b:ro"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("entry 1") && e.contains("entry 2"), "{e}");
+        assert!(
+            !e.contains("s3cret"),
+            "the token itself is not printed: {e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# comment\nother=a:rw\n\ns3cret=*:rw\n").unwrap();
+        let args = [
+            "--token",
+            "s3cret=a:rw",
+            "--tokens-file",
+            file.to_str().unwrap(),
+        ];
+        let e = Config::from_args(&serve_args(&args))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 4 of"), "{e}");
+        let args = [
+            "--token",
+            "one=a:rw",
+            "--tokens-file",
+            file.to_str().unwrap(),
+        ];
+        assert_eq!(
+            Config::from_args(&serve_args(&args)).unwrap().tokens.len(),
+            3
+        );
     }
 }

@@ -18,7 +18,15 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub pos: Option<Pos>,
+    /// Close the connection after the reply instead of reading the rest of the request body
+    /// ([`CloseAfterReply`]).
+    pub close: bool,
 }
+
+/// Marks a response after which the connection closes and the request body is left unread: a
+/// body that stalled, or one refused before `100 Continue` asked the client to send it.
+#[derive(Copy, Clone, Debug)]
+pub struct CloseAfterReply;
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -26,7 +34,14 @@ impl ApiError {
             code,
             message: message.into(),
             pos: None,
+            close: false,
         }
+    }
+
+    /// The same error, replied with `Connection: close` and the request body left unread.
+    pub fn closing(mut self) -> ApiError {
+        self.close = true;
+        self
     }
 
     /// `EPOSMISMATCH` carrying the server's current position (zero for an unknown database).
@@ -35,6 +50,7 @@ impl ApiError {
             code: ErrorCode::PosMismatch,
             message: "position mismatch".into(),
             pos: Some(current),
+            close: false,
         }
     }
 
@@ -68,7 +84,15 @@ impl IntoResponse for ApiError {
             error: self.message,
             pos,
         };
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        if self.close {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            resp.extensions_mut().insert(CloseAfterReply);
+        }
+        resp
     }
 }
 
