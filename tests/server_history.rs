@@ -165,6 +165,31 @@ fn lease_lifecycle() {
         .ok()
         .json();
     assert_eq!(refreshed.id, lease.id);
+    // A held refresh answers after the hold with the same lease; bad holds are refused.
+    let held: Lease = api
+        .post(
+            "/lease",
+            &[
+                ("db", "l"),
+                ("id", &lease.id),
+                ("duration", "600000"),
+                ("hold", "50"),
+            ],
+            vec![],
+        )
+        .ok()
+        .json();
+    assert_eq!(held.id, lease.id);
+    for bad in ["0", "x", "30001", "600000"] {
+        let q = [
+            ("db", "l"),
+            ("id", lease.id.as_str()),
+            ("duration", "600000"),
+            ("hold", bad),
+        ];
+        let e = api.post("/lease", &q, vec![]).err(400, "EBADINPUT");
+        assert!(e.error.contains("invalid hold"), "{bad}: {}", e.error);
+    }
     api.post("/lease", &[("db", "l"), ("id", "someone-else")], vec![])
         .err(422, "ELEASEMISMATCH");
     api.delete("/lease", &[("db", "l"), ("id", "someone-else")])

@@ -328,6 +328,28 @@ impl Client {
         self.json(resp)
     }
 
+    /// `POST /lease?id=..&hold=MS` (our extension): refreshes the lease, the store replying
+    /// after `hold`; if this request's connection closes first, the store releases the lease.
+    pub fn hold_lease(
+        &self,
+        db: &str,
+        id: &str,
+        duration: Duration,
+        hold: Duration,
+    ) -> Result<Lease> {
+        let query = [
+            ("db", db.to_string()),
+            ("duration", duration.as_millis().to_string()),
+            ("id", id.to_string()),
+            ("hold", hold.as_millis().to_string()),
+        ];
+        let rb = self
+            .request(reqwest::Method::POST, "/lease", &query)
+            .timeout(hold + REQUEST_TIMEOUT);
+        let resp = self.send(rb)?;
+        self.json(resp)
+    }
+
     /// `DELETE /lease`: gives the lease back.
     pub fn release_lease(&self, db: &str, id: &str) -> Result<()> {
         let query = [("db", db.to_string()), ("id", id.to_string())];

@@ -140,6 +140,8 @@ pub struct Database {
     pub last_error: Mutex<Option<String>>,
     /// Open main-database files of this process.
     pub handles: AtomicUsize,
+    /// Whether a lease holder thread runs for this database ([`super::lease`]).
+    pub holding: std::sync::atomic::AtomicBool,
 }
 
 impl Database {
@@ -171,6 +173,7 @@ impl Database {
             lease: Mutex::new(None),
             last_error: Mutex::new(None),
             handles: AtomicUsize::new(0),
+            holding: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

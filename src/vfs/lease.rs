@@ -1,10 +1,14 @@
 //! Write leases: taking, refreshing in the background, and giving back.
 //!
-//! Owns [`HeldLease`] (a lease as a value: id, owner database, local expiry) and the refresher
-//! thread that keeps every held lease alive. Invariant: a lease is used for a commit only
-//! while [`HeldLease::is_live`] says its expiry, measured on this host's monotonic clock from
-//! before the request was sent, is ahead by a safety margin. A refresh the store refuses drops
-//! the lease. It does not decide what a write needs; [`super::database`] checks the lease.
+//! Owns [`HeldLease`] (a lease as a value: id, owner database, local expiry) and the threads
+//! that keep held leases alive: one holder per held lease, which refreshes it with `hold`
+//! ([`HOLD`]): the store refreshes at once and keeps the request open for that long, and if the
+//! connection closes meanwhile (this process died: the kernel closes its sockets) the store
+//! releases the lease there and then, so the next writer waits milliseconds, not the lease.
+//! Invariant: a lease is used for a commit only while [`HeldLease::is_live`] says its expiry,
+//! measured on this host's monotonic clock from before the request was sent, is ahead by a
+//! safety margin. A refresh the store refuses drops the lease. It does not decide what a write
+//! needs; [`super::database`] checks the lease.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +20,10 @@ use crate::wire::ErrorCode;
 
 /// Lease duration asked of the store.
 pub const LEASE_DURATION: Duration = Duration::from_secs(5);
-/// A lease is refreshed when less than this remains.
-const REFRESH_WHEN_LEFT: Duration = Duration::from_millis(3500);
+/// How long the store holds each refresh of the holder thread.
+pub const HOLD: Duration = Duration::from_secs(1);
+/// A writer refreshes the lease itself when less than this remains (its holder is late).
+const REFRESH_WHEN_LEFT: Duration = Duration::from_millis(2000);
 /// A lease is not used for a commit when less than this remains.
 const SAFETY_MARGIN: Duration = Duration::from_millis(500);
 
@@ -156,16 +162,66 @@ impl Database {
     }
 }
 
-/// Runs forever: refreshes the leases of every database that holds one.
+/// Runs forever: starts a holder thread for every held lease that has none.
 pub fn refresher(databases: impl Fn() -> Vec<Arc<Database>>) {
+    use std::sync::atomic::Ordering::SeqCst;
     loop {
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(100));
         for db in databases() {
             let held = db.lease.lock().is_some();
-            if held {
-                let _ =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.refresh_lease()));
+            if held && !db.holding.swap(true, SeqCst) {
+                let d = db.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("litevfs-lease-hold".into())
+                    .spawn(move || {
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hold(&d)));
+                        d.holding.store(false, SeqCst);
+                    });
+                if spawned.is_err() {
+                    db.holding.store(false, SeqCst);
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        db.refresh_lease()
+                    }));
+                }
             }
+        }
+    }
+}
+
+/// Keeps `db`'s lease with held refreshes until it is dropped or released.
+fn hold(db: &Database) {
+    loop {
+        let Some(held) = db.lease.lock().clone() else {
+            return;
+        };
+        let started = Instant::now();
+        match db
+            .client
+            .hold_lease(&db.name, &held.id, LEASE_DURATION, HOLD)
+        {
+            Ok(l) => {
+                let mut lease = db.lease.lock();
+                // Released (or replaced) meanwhile: leave it so.
+                if lease.as_ref().is_some_and(|x| x.id == held.id) {
+                    *lease = Some(HeldLease::from_wire(&db.name, started, l));
+                }
+            }
+            Err(e @ (ClientError::Unreachable { .. } | ClientError::BadResponse { .. })) => {
+                if !held.is_live() {
+                    db.drop_lease(&held, &e.to_string());
+                }
+            }
+            Err(e) if e.api_code().is_some_and(|c| c.status() >= 500) => {
+                if !held.is_live() {
+                    db.drop_lease(&held, &e.to_string());
+                }
+            }
+            Err(e) => db.drop_lease(&held, &e.to_string()),
+        }
+        // A store that does not hold (or failed at once) must not be asked in a tight loop.
+        let spent = started.elapsed();
+        if spent < HOLD / 2 {
+            std::thread::sleep(HOLD - spent);
         }
     }
 }

@@ -286,3 +286,50 @@ def test_a_commit_refused_for_a_lost_lease_fails_readonly(server, agent):
     w.sql("ll", "pragma litevfs_acquire_lease")
     w.sql("ll", "insert into t values ('kept')")
     assert agent().sql("ll", "select v from t") == [["kept"]]
+
+
+def metric(server, name):
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=HANG_GUARD).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))
+
+
+def test_a_killed_lease_holder_does_not_block_the_next_writer(server, agent):
+    """The lease (5 s) of a holder killed with kill -9 is released when the kernel closes its
+    connections, so another process takes it at once instead of getting SQLITE_BUSY."""
+    for round_ in range(3):
+        a = agent()
+        a.sql("hk", "pragma litevfs_acquire_lease")
+        a.sql("hk", f"create table if not exists t(v); insert into t values ({round_})")
+        # Wait (guard only) until the holder thread holds a refresh open at the store.
+        deadline = time.monotonic() + HANG_GUARD
+        while metric(server, 'litevfs_lease_events_total{event="refresh"}') < round_ + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        before = metric(server, 'litevfs_lease_events_total{event="release_on_disconnect"}')
+        a.kill()
+        while metric(server, 'litevfs_lease_events_total{event="release_on_disconnect"}') == before:
+            assert time.monotonic() < deadline, "the store never noticed the holder die"
+            time.sleep(0.02)
+        b = agent()
+        r = b.run("hk", "pragma litevfs_acquire_lease")
+        assert r["ok"], r
+        assert b.sql("hk", "select count(*) from t") == [[round_ + 1]]
+        b.sql("hk", "pragma litevfs_release_lease")
+        b.kill()
+
+
+def test_a_gracefully_released_lease_is_not_released_twice(server, agent):
+    a = agent()
+    a.sql("hr", "pragma litevfs_acquire_lease")
+    a.sql("hr", "create table t(v)")
+    a.sql("hr", "pragma litevfs_release_lease")
+    b = agent()
+    b.sql("hr", "pragma litevfs_acquire_lease")
+    # The first process goes away while its last held refresh may still be open: the lease
+    # the second one holds stays.
+    a.kill()
+    time.sleep(0.3)
+    b.sql("hr", "insert into t values (1)")
+    assert b.sql("hr", "select count(*) from t") == [[1]]

@@ -1,6 +1,11 @@
 //! Write leases over HTTP: `POST /lease` (acquire, or refresh with `id`) and `DELETE /lease`
 //! (spec 2.7). Acquiring a lease on a database that does not exist creates it at the zero
 //! position, as LiteFS Cloud did, so it is listed by `/pos`.
+//!
+//! Our extension, `hold=MS` on a refresh: the lease is refreshed at once and the reply held for
+//! MS. If the client's connection closes meanwhile (its process died and the kernel closed its
+//! sockets), the lease is released there and then, so the next writer does not wait out the
+//! lease. A shutting-down server releases nothing (with `--store` the lease outlives it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +57,49 @@ fn record<T>(app: &App, ok: LeaseEvent, r: StoreResult<T>) -> ApiResult<T> {
     r.map_err(ApiError::from)
 }
 
+/// Longest `hold` a refresh may ask for.
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
+
+fn parse_hold(params: &Params, duration: Duration) -> ApiResult<Option<Duration>> {
+    let Some(s) = params.get("hold") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ApiError::new(ErrorCode::BadInput, format!("invalid hold {s:?}: {why}"));
+    let ms: u64 = s.parse().map_err(|_| bad("milliseconds expected"))?;
+    let hold = Duration::from_millis(ms);
+    if ms == 0 || hold > MAX_HOLD || hold >= duration {
+        return Err(bad(&format!(
+            "from 1 to {} ms, and shorter than the lease duration",
+            MAX_HOLD.as_millis()
+        )));
+    }
+    Ok(Some(hold))
+}
+
+/// Releases a held lease when the request holding it is dropped unfinished: the client went away.
+struct ReleaseIfGone {
+    app: Arc<App>,
+    key: Option<crate::server::store::DbKey>,
+    id: String,
+}
+
+impl Drop for ReleaseIfGone {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        if *self.app.shutdown.borrow() {
+            return;
+        }
+        let (app, id) = (self.app.clone(), std::mem::take(&mut self.id));
+        tracing::info!(db = %key.name, "the holder of the write lease disconnected: releasing it");
+        tokio::task::spawn_blocking(move || {
+            let r = app.store.release_lease(&key, &id);
+            if r.is_ok() {
+                app.metrics.lease_event("release_on_disconnect");
+            }
+        });
+    }
+}
+
 pub async fn post_lease(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -61,9 +109,25 @@ pub async fn post_lease(
     let duration = parse_duration(&params)?;
     let store = app.store.clone();
     if let Some(id) = params.get("id") {
+        let hold = parse_hold(&params, duration)?;
         let id = id.to_string();
-        let r = in_blocking(move || store.refresh_lease(&key, &id, duration)).await;
-        return record(&app, LeaseEvent::Refreshed, r).map(Json);
+        let (k, i) = (key.clone(), id.clone());
+        let r = in_blocking(move || store.refresh_lease(&k, &i, duration)).await;
+        let lease = record(&app, LeaseEvent::Refreshed, r)?;
+        if let Some(hold) = hold {
+            let mut guard = ReleaseIfGone {
+                app: app.clone(),
+                key: Some(key),
+                id,
+            };
+            let mut shutdown = app.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(hold) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+            guard.key = None;
+        }
+        return Ok(Json(lease));
     }
     let k = key.clone();
     let r = in_blocking(move || store.acquire_lease(&k, duration)).await;
