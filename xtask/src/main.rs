@@ -3,6 +3,7 @@
 //! - `cargo xtask demo`: installs what is missing, builds, and shows the whole system working.
 //! - `cargo xtask test`: installs what is missing, builds, and runs every test.
 //! - `cargo xtask bench [--quick] [--json FILE]`: measures litevfs against plain SQLite.
+//! - `cargo xtask torture [--minutes N]`: the crash, race, fault and fuzz experiments.
 //!
 //! Depends on nothing but std, so it builds in seconds on a fresh machine, before libclang (which
 //! the main crate's build needs) is installed.
@@ -12,15 +13,17 @@ mod demo;
 mod proc;
 mod setup;
 mod test;
+mod torture;
 
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: cargo xtask <demo | test | bench [--quick] [--json FILE]>\n\
+        "usage: cargo xtask <demo | test | bench [--quick] [--json FILE] | torture [--minutes N] [--only A,B] [--seed S]>\n\
          \n  demo   build everything and run a demo of the whole system\
          \n  test   build everything and run every test (unit, conformance, end-to-end, examples)\
-         \n  bench  measure litevfs against plain SQLite (--quick: small version; --json FILE: write results)"
+         \n  bench  measure litevfs against plain SQLite (--quick: small version; --json FILE: write results)\
+         \n  torture  crash, race, fault and fuzz experiments on loopback (default 5 minutes)"
     );
     ExitCode::from(2)
 }
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(),
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("torture") => torture::run(&args[1..]),
         _ => return usage(),
     };
     match result {

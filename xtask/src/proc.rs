@@ -71,15 +71,26 @@ const READY_PREFIX: &str = "litevfs serve: listening on ";
 impl Server {
     /// Starts the page store on a free loopback port and waits for its ready line.
     pub fn start(bin: &Path, data_dir: &Path, extra: &[&str]) -> Result<Server, Error> {
+        Server::start_at(bin, data_dir, "127.0.0.1:0", extra, Stdio::inherit())
+    }
+
+    /// Starts the page store on `listen` (a loopback address), its stderr going to `stderr`.
+    pub fn start_at(
+        bin: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> Result<Server, Error> {
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| Error(format!("cannot start {}: {e}", bin.display())))?;
         let stdout = child.stdout.take().expect("piped stdout");
@@ -105,6 +116,11 @@ impl Server {
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether the process ended by itself (a crash), with its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 }
 
