@@ -10,7 +10,9 @@
 //!                                         `unknown K CODE` for LITEVFS_IOERR_COMMIT_UNKNOWN, then
 //!                                         `ack K` or nothing once a read shows whether it landed;
 //!                                         at the end `stats JSON` (litevfs_cache_stats)
-//! torture_worker check NAME EXT ROWS      `ok groups=G max=K torn=T dup=D gaps=P integrity=I`
+//! torture_worker check NAME EXT ROWS [FROM]
+//!                                         `ok groups=G max=K torn=T dup=D gaps=P integrity=I` of
+//!                                         the groups from FROM on (integrity_check only without)
 //! torture_worker counter NAME EXT N       N lease-guarded increments of one counter: `hold A B`
 //!                                         (monotonic ns when the lease was held / given back)
 //!                                         per acquisition, then `done incs=I busy=B fails=F`
@@ -44,7 +46,13 @@ fn main() -> ExitCode {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match a.as_slice() {
         ["writer", name, ext, rows] => writer(name, ext, rows.parse().unwrap_or(10)),
-        ["check", name, ext, rows] => check(name, ext, rows.parse().unwrap_or(10)),
+        ["check", name, ext, rows] => check(name, ext, rows.parse().unwrap_or(10), 0),
+        ["check", name, ext, rows, from] => check(
+            name,
+            ext,
+            rows.parse().unwrap_or(10),
+            from.parse().unwrap_or(0),
+        ),
         ["counter", name, ext, n] => counter(name, ext, n.parse().unwrap_or(10)),
         ["bank", name, ext, role] => bank(name, ext, role),
         ["stopped", name, ext] => stopped(name, ext),
@@ -196,18 +204,23 @@ fn holds_lease(c: &Connection) -> bool {
         .unwrap_or(false)
 }
 
-fn check(name: &str, ext: &str, rows: i64) -> Res<()> {
+fn check(name: &str, ext: &str, rows: i64, from: i64) -> Res<()> {
     let _loader = load(ext)?;
     let c = open(name)?;
-    let integrity: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-    let mut st = c.prepare("SELECT k, count(*) FROM g GROUP BY k ORDER BY k")?;
+    let integrity: String = if from == 0 {
+        c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?
+    } else {
+        "ok".into()
+    };
+    let from = from.max(1);
+    let mut st = c.prepare("SELECT k, count(*) FROM g WHERE k >= ?1 GROUP BY k ORDER BY k")?;
     let groups: Vec<(i64, i64)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([from], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let torn = groups.iter().filter(|(_, n)| *n % rows != 0).count();
     let dup = groups.iter().filter(|(_, n)| *n > rows).count();
-    let max = groups.last().map_or(0, |g| g.0);
-    let gaps = (max as usize).saturating_sub(groups.len());
+    let max = groups.last().map_or(from - 1, |g| g.0);
+    let gaps = ((max - from + 1).max(0) as usize).saturating_sub(groups.len());
     println!(
         "ok groups={} max={max} torn={torn} dup={dup} gaps={gaps} integrity={}",
         groups.len(),

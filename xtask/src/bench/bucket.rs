@@ -152,14 +152,12 @@ pub fn run(
     Ok(())
 }
 
+/// Starts a server on a data directory with extra arguments.
+type StartServer<'a> = &'a dyn Fn(PathBuf, &[&str]) -> Result<Server, Error>;
+
 /// Cold point lookups, each on a fresh server (empty data directory, long poll interval so
 /// that only the lookup's own GETs are counted) with a fresh client.
-fn cold_lookups(
-    c: &Ctx,
-    big: &DbFile,
-    start: &dyn Fn(PathBuf, &[&str]) -> Result<Server, Error>,
-    rep: &mut Report,
-) -> Result<(), Error> {
+fn cold_lookups(c: &Ctx, big: &DbFile, start: StartServer, rep: &mut Report) -> Result<(), Error> {
     let rows = c.p.big_rows;
     let (mut plain, mut cost) = (vec![], cold::Cost::default());
     for i in 0..c.p.cold_reps as u64 {

@@ -33,9 +33,13 @@ struct Check {
     integrity_ok: bool,
 }
 
-fn check(ctx: &Ctx, url: &str, db: &str) -> Result<Check, Error> {
-    let cache = ctx.subdir(&format!("{db}-check"));
-    let line = run_worker(ctx, url, &cache, &["check", db, ROWS])?;
+/// Checks the groups of `db` from group `from` on (all of them, and `integrity_check`, for 0),
+/// from a process with its own cache directory, kept between checks.
+fn check(ctx: &Ctx, url: &str, db: &str, from: u64) -> Result<Check, Error> {
+    let cache = ctx.dir.join(format!("{db}-check"));
+    std::fs::create_dir_all(&cache)?;
+    let from = from.to_string();
+    let line = run_worker(ctx, url, &cache, &["check", db, ROWS, &from])?;
     let get = |k| field(&line, k).ok_or_else(|| Error(format!("check {db}: {line}")));
     Ok(Check {
         groups: get("groups")?,
@@ -106,6 +110,7 @@ pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
     let deadline = Instant::now() + budget;
     let mut last_ack = 0;
     while t.trials == 0 || Instant::now() < deadline {
+        let first = last_ack;
         let mut w = Worker::spawn(ctx, &url, &cache, &["writer", "wk", ROWS])?;
         if w.expect("ack ", LONG).is_none() {
             t.notes
@@ -117,12 +122,21 @@ pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
         t.acked += a.len() as u64;
         last_ack = a.iter().copied().max().unwrap_or(0).max(last_ack);
         t.trials += 1;
-        let c = check(ctx, &url, "wk")?;
+        // The groups this writer may have touched; everything, with integrity_check, every
+        // 100 trials.
+        let from = if t.trials % 100 == 0 {
+            0
+        } else {
+            first.saturating_sub(1).max(1)
+        };
+        let c = check(ctx, &url, "wk", from)?;
         judge(&mut t, &c, last_ack, "wk");
         // A group that landed without its ack is the next writer's base.
         last_ack = last_ack.max(c.max);
         crashed(&mut t, &mut store)?;
     }
+    let c = check(ctx, &url, "wk", 0)?;
+    judge(&mut t, &c, last_ack, "wk");
     t.errors_5xx += store.count_5xx();
     Ok(t)
 }
@@ -130,8 +144,45 @@ pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
 /// kill -9 of the page store at random moments under a writer; restarted on its data directory
 /// and address, sometimes at once, sometimes after a pause.
 pub fn server_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, Error> {
+    let store = Store::start(ctx, "server-kill", &[])?;
+    server_kill_on(ctx, store, budget, rng, false)
+}
+
+/// The same on object storage (moto's S3 server from `.venv`, on loopback): a third of the
+/// restarts also lose the data directory, which is only a cache of the bucket.
+pub fn server_kill_s3(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, Error> {
+    let moto = super::support::Moto::start(ctx)?;
+    let bucket = moto.bucket("torture")?;
+    let store = Store::start(
+        ctx,
+        "server-kill-s3",
+        &[
+            "--store",
+            &format!("s3://{bucket}/litevfs"),
+            "--aws-endpoint-url",
+            &moto.endpoint,
+            "--s3-path-style",
+            "--aws-access-key-id",
+            "test",
+            "--aws-secret-access-key",
+            "test",
+            "--aws-region",
+            "us-east-1",
+        ],
+    )?;
+    let t = server_kill_on(ctx, store, budget, rng, true);
+    drop(moto);
+    t
+}
+
+fn server_kill_on(
+    ctx: &Ctx,
+    mut store: Store,
+    budget: Duration,
+    rng: &mut Rng,
+    wipe: bool,
+) -> Result<Tally, Error> {
     let mut t = Tally::default();
-    let mut store = Store::start(ctx, "server-kill", &[])?;
     let url = store.url();
     let cache = ctx.subdir("server-kill-cache");
     let mut w = Worker::spawn(ctx, &url, &cache, &["writer", "sk", ROWS])?;
@@ -146,6 +197,9 @@ pub fn server_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
         t.trials += 1;
         if rng.chance(50) {
             std::thread::sleep(ms(rng.range(0, 500)));
+        }
+        if wipe && rng.chance(33) {
+            let _ = std::fs::remove_dir_all(&store.data);
         }
         store.restart()?;
     }
@@ -175,8 +229,12 @@ pub fn server_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
         "{} commits failed while the store was down (reported failed, retried); {} lost replies settled",
         fails, t.resolved
     ));
-    let c = check(ctx, &url, "sk")?;
+    let c = check(ctx, &url, "sk", 0)?;
     judge(&mut t, &c, a.iter().copied().max().unwrap_or(0), "sk");
+    if wipe {
+        t.notes
+            .push("a third of the restarts started on an empty data directory".into());
+    }
     t.errors_5xx += store.count_5xx();
     Ok(t)
 }
@@ -225,10 +283,11 @@ pub fn lease_race(ctx: &Ctx, budget: Duration, _rng: &mut Rng) -> Result<Tally, 
     intervals.sort();
     let mut reach: Option<(u128, usize)> = None;
     for &(a, b, who) in &intervals {
-        if let Some((end, holder)) = reach {
-            if a < end && holder != who {
-                t.double_holders += 1;
-            }
+        if let Some((end, holder)) = reach
+            && a < end
+            && holder != who
+        {
+            t.double_holders += 1;
         }
         if reach.is_none_or(|(end, _)| b > end) {
             reach = Some((b, who));
@@ -353,7 +412,7 @@ pub fn lost_replies(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally,
         t.resolved,
         json_field(&stats, "lost_replies_landed")
     ));
-    let c = check(ctx, &store.url(), "lp")?;
+    let c = check(ctx, &store.url(), "lp", 0)?;
     judge(&mut t, &c, a.iter().copied().max().unwrap_or(0), "lp");
     if c.groups != a.len() as u64 && c.groups != a.len() as u64 + 1 {
         t.notes.push(format!(

@@ -7,6 +7,8 @@
 //!
 //! - `writer-kill`: kill -9 of a writer at random moments of its commit loop.
 //! - `server-kill`: kill -9 of the page store under a writer, restarted on its data directory.
+//! - `server-kill-s3`: the same with `--store s3://` on moto's S3 server (from `.venv`), a third
+//!   of the restarts on an empty data directory.
 //! - `lease-race`: processes racing for the lease to increment one counter.
 //! - `stopped-holder`: a lease holder stopped (SIGSTOP) past its lease, resumed, committing.
 //! - `lost-replies`: a proxy that loses commits and their replies.
@@ -55,6 +57,7 @@ type Experiment = fn(&Ctx, Duration, &mut support::Rng) -> Result<Tally, Error>;
 const EXPERIMENTS: &[(&str, u32, Experiment)] = &[
     ("writer-kill", 20, experiments::writer_kill),
     ("server-kill", 15, experiments::server_kill),
+    ("server-kill-s3", 10, experiments::server_kill_s3),
     ("lease-race", 12, experiments::lease_race),
     ("stopped-holder", 8, experiments::stopped_holder),
     ("lost-replies", 10, experiments::lost_replies),
@@ -108,8 +111,9 @@ pub fn run(args: &[String]) -> Result<(), Error> {
             _ => return Err(usage()),
         }
     }
-    setup::ensure_system(false)?;
+    setup::ensure_system(true)?;
     let art = setup::build_release()?;
+    let moto = setup::ensure_venv()?.with_file_name("moto_server");
     let root = setup::root();
     let vectors = root.join("../shared/spec/vectors");
     if !vectors.is_dir() {
@@ -127,6 +131,7 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         worker: setup::target_dir().join("release/examples/torture_worker"),
         dir: dir.clone(),
         vectors,
+        moto: moto.exists().then_some(moto),
     };
     let chosen: Vec<&(&str, u32, Experiment)> = EXPERIMENTS
         .iter()

@@ -45,6 +45,8 @@ pub struct Ctx {
     /// Scratch directory of this run (removed at the end).
     pub dir: PathBuf,
     pub vectors: PathBuf,
+    /// moto's S3 server, when `.venv` has it.
+    pub moto: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -133,6 +135,62 @@ impl Store {
             .filter(|l| l.starts_with("litevfs_http_requests_total{") && l.contains("status=\"5"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+}
+
+/// moto's S3 server from `.venv` on a free loopback port; killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start(ctx: &Ctx) -> Result<Moto, Error> {
+        let bin = ctx.moto.as_ref().ok_or_else(|| {
+            Error("moto_server is not installed in .venv (cargo xtask test installs it)".into())
+        })?;
+        let mut child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error(format!("cannot start {}: {e}", bin.display())))?;
+        let err = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if !sent && let Some(at) = line.find("Running on http://") {
+                    let _ = tx.send(line[at + "Running on ".len()..].trim().to_string());
+                    sent = true;
+                }
+            }
+        });
+        let endpoint = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| Error("moto_server did not start listening".into()))?;
+        Ok(Moto { child, endpoint })
+    }
+
+    /// Creates bucket `name` (moto accepts unsigned requests).
+    pub fn bucket(&self, name: &str) -> Result<String, Error> {
+        let addr = self.endpoint.trim_start_matches("http://");
+        let r = http(
+            addr,
+            &format!("PUT /{name} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"),
+            b"",
+        )?;
+        if r.status != 200 {
+            return Err(Error(format!("create bucket {name}: {}", r.status)));
+        }
+        Ok(name.to_string())
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -410,7 +468,8 @@ fn serve(
     c.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut out = c.try_clone()?;
     let mut r = BufReader::new(c);
-    while let Some((head, body)) = read_request(&mut r)? {
+    // One request per connection: the reply ends with the upstream's `Connection: close`.
+    if let Some((head, body)) = read_request(&mut r)? {
         let fault = if head.starts_with("POST /db/tx") {
             let mut g = rng.lock().unwrap_or_else(|e| e.into_inner());
             match g.range(0, 100) {
@@ -441,7 +500,6 @@ fn serve(
             return Ok(());
         }
         out.write_all(&resp)?;
-        return Ok(());
     }
     Ok(())
 }
