@@ -14,8 +14,9 @@
 //!                                         `ok groups=G max=K torn=T dup=D gaps=P integrity=I` of
 //!                                         the groups from FROM on (integrity_check only without)
 //! torture_worker counter NAME EXT N       N lease-guarded increments of one counter: `hold A B`
-//!                                         (monotonic ns when the lease was held / given back)
-//!                                         per acquisition, then `done incs=I busy=B fails=F`
+//!                                         per committed increment (monotonic ns when the lease
+//!                                         was taken / when COMMIT returned), then
+//!                                         `done incs=I busy=B fails=F`
 //! torture_worker bank NAME EXT init       100 accounts of 1000
 //! torture_worker bank NAME EXT transfer   transfers until stdin closes: `done commits=C fails=F`
 //! torture_worker bank NAME EXT audit      reads until stdin closes: `done reads=R wrong=W errors=E`
@@ -255,15 +256,18 @@ fn counter(name: &str, ext: &str, n: u64) -> Res<()> {
              COMMIT;",
         );
         match r {
-            Ok(()) => incs += 1,
+            Ok(()) => {
+                incs += 1;
+                // The interval this process relied on the lease: two such intervals of
+                // different processes must never overlap.
+                println!("hold {held} {}", mono_ns());
+            }
             Err(_) => {
                 let _ = c.execute_batch("ROLLBACK");
                 fails += 1;
             }
         }
-        let released = mono_ns();
         c.query_row("PRAGMA litevfs_release_lease", [], |_| Ok(()))?;
-        println!("hold {held} {released}");
     }
     println!("done incs={incs} busy={busy} fails={fails}");
     Ok(())

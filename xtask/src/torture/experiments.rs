@@ -239,9 +239,10 @@ fn server_kill_on(
     Ok(t)
 }
 
-/// Processes racing for the lease, each incrementing one counter under it: no two hold it at
-/// once (their holding intervals, on the host's monotonic clock, never overlap) and the counter
-/// equals the increments acknowledged.
+/// Processes racing for the lease, each incrementing one counter under it: no two rely on it at
+/// once (from taking the lease to their COMMIT returning, on the host's monotonic clock, the
+/// intervals of different processes never overlap) and the counter equals the increments
+/// acknowledged. Trials: lease acquisitions that committed.
 pub fn lease_race(ctx: &Ctx, budget: Duration, _rng: &mut Rng) -> Result<Tally, Error> {
     const PROCS: usize = 4;
     let mut t = Tally::default();
