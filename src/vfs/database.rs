@@ -115,6 +115,9 @@ pub struct State {
     pub pending: Option<Pending>,
     /// A fetch hit `EPOSMISMATCH`: resynchronise before the next transaction.
     pub stale: bool,
+    /// The position of a commit whose outcome was reported unknown: until the store answers a
+    /// sync, no transaction may read the position from before it (it could be wrong).
+    pub unsettled: Option<Pos>,
     pub prefetch: Prefetcher,
     pub last_sync: Option<Instant>,
     /// Included in the change poller's request in flight.
@@ -159,6 +162,7 @@ impl Database {
             write: None,
             pending: None,
             stale: false,
+            unsettled: None,
             prefetch: Prefetcher::default(),
             last_sync: None,
             watched: false,
@@ -438,6 +442,21 @@ impl Database {
     /// Starts a read transaction for the first lock holder: sync if due, apply what waits,
     /// learn the size. A store that cannot be reached does not stop cached reads.
     pub fn begin_read(&self, st: &mut State) -> Result<()> {
+        if let Some(pos) = st.unsettled {
+            // After an unknown outcome a read must tell the truth or fail: no backoff, no
+            // falling back to the cached position.
+            match self.sync_with_timeout(st, false, INLINE_SYNC_TIMEOUT) {
+                Ok(()) => (st.unsettled, st.stale, st.sync_failed) = (None, false, None),
+                Err(e) => {
+                    st.sync_failed = Some(Instant::now());
+                    return Err(Error::Unsettled {
+                        db: self.name.clone(),
+                        pos,
+                        why: e.to_string(),
+                    });
+                }
+            }
+        }
         let period = self.settings.lock().sync_period;
         let due =
             !period.is_zero() && !st.watched && st.last_sync.is_none_or(|t| t.elapsed() >= period);

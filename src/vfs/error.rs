@@ -81,6 +81,11 @@ pub enum Error {
         deadline: std::time::Duration,
         last: Box<ClientError>,
     },
+    #[error(
+        "database {db:?}: the outcome of the last commit (position {pos}) is still unknown and the \
+         page store does not answer: transactions wait until it does ({why})"
+    )]
+    Unsettled { db: String, pos: Pos, why: String },
     #[error("database {db:?}: page {pgno} from the page store failed verification: {why}")]
     BadPage { db: String, pgno: u32, why: String },
     #[error(transparent)]
@@ -112,7 +117,7 @@ impl Error {
             Error::NoLease(_) | Error::WalWrite(_) => vars::SQLITE_READONLY,
             Error::LeaseBusy { .. } | Error::Busy => vars::SQLITE_BUSY,
             Error::RemoteChanged { .. } => LITEVFS_IOERR_POS_MISMATCH,
-            Error::CommitUnknown { .. } => LITEVFS_IOERR_COMMIT_UNKNOWN,
+            Error::CommitUnknown { .. } | Error::Unsettled { .. } => LITEVFS_IOERR_COMMIT_UNKNOWN,
             Error::TooManyRequests { .. } => LITEVFS_ABORT_TOO_MANY_REQUESTS,
             Error::BadPage { .. } => vars::SQLITE_IOERR_READ,
             Error::Cache(_) | Error::Ltx(_) | Error::Panic(_) => io_code(op),

@@ -142,6 +142,9 @@ impl Database {
         let lease_id = lease_id.ok_or_else(|| Error::NoLease(self.name.clone()))?;
         self.stats.requests.fetch_add(1, Relaxed);
         if let Err(e) = self.ship(base.pos, built.pos, &lease_id, built.ltx) {
+            if matches!(e, Error::CommitUnknown { .. }) {
+                st.unsettled = Some(built.pos);
+            }
             // Moved elsewhere, or unknown: the next transaction must learn the store's position.
             if matches!(
                 e,

@@ -257,6 +257,11 @@ def test_a_commit_with_the_store_gone_past_the_deadline_is_reported_unknown(serv
     msg = w.one("unk", "pragma litevfs_last_error")
     assert "outcome of this commit" in msg and "LITEVFS_COMMIT_DEADLINE (2s)" in msg, msg
     assert w.stats("unk")["commits_unknown"] == 1
+    # While the store is away, a read cannot tell whether the commit landed: it fails the same
+    # way instead of answering from the position before the commit.
+    r = w.run("unk", "select count(*) from t")
+    assert not r["ok"] and r["code"] == LITEVFS_IOERR_COMMIT_UNKNOWN, r
+    assert "still unknown" in w.one("unk", "pragma litevfs_last_error")
     # The store is back: the writer learns that the commit did land, and writes on from there.
     lossy.up()
     assert w.sql("unk", "select v from t") == [["landed"]]
