@@ -350,6 +350,7 @@ pub fn http_requests(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally
     let seed = std::fs::read(ctx.vectors.join("snapshot_A.ltx")).unwrap_or_default();
     let _ = post(&store.addr, "/db/tx?db=fz", &seed);
     let deadline = Instant::now() + budget;
+    // 0: closed without a reply; 1: `100 Continue` and nothing after it.
     let mut by_class = [0u64; 6];
     while t.trials == 0 || Instant::now() < deadline {
         let method = METHODS[rng.range(0, METHODS.len() as u64) as usize];
@@ -406,9 +407,9 @@ pub fn http_requests(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally
         }
     }
     t.notes.push(format!(
-        "{} requests: {} 2xx, {} 3xx, {} 4xx (JSON errors), {} 5xx, {} closed without a reply \
-         (unparsable HTTP)",
-        t.trials, by_class[2], by_class[3], by_class[4], by_class[5], by_class[0]
+        "{} requests: {} 2xx, {} 3xx, {} 4xx (JSON errors, or hyper's bare 400 for bytes that are \
+         not HTTP), {} 5xx, {} `100 Continue` and nothing after it, {} closed without a reply",
+        t.trials, by_class[2], by_class[3], by_class[4], by_class[5], by_class[1], by_class[0]
     ));
     alive(&mut t, &mut store)?;
     Ok(t)

@@ -372,6 +372,13 @@ pub fn http(addr: &str, head: &str, body: &[u8]) -> std::io::Result<Reply> {
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
+    // Interim replies (`100 Continue`) come before the final one.
+    while raw.starts_with(b"HTTP/1.1 1") {
+        match raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) => raw.drain(..end + 4),
+            None => break,
+        };
+    }
     let status = std::str::from_utf8(raw.get(9..12).unwrap_or(b""))
         .ok()
         .and_then(|s| s.parse().ok())
