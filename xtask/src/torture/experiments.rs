@@ -90,6 +90,28 @@ fn judge(t: &mut Tally, c: &Check, last_ack: u64, db: &str) {
     }
 }
 
+/// Ends a writer role and counts what it reported: acknowledged groups, and lost replies
+/// settled or left unknown (from its closing `stats` line). Returns its lines, its acks and
+/// that line.
+fn finish_writer(t: &mut Tally, w: Worker) -> (Vec<String>, Vec<u64>, String) {
+    let (lines, status) = w.finish(LONG);
+    if !status.is_some_and(|s| s.success()) {
+        t.crashes += 1;
+        t.notes.push(format!("the writer ended with {status:?}"));
+    }
+    let a = acks(&lines);
+    t.acked = a.len() as u64;
+    let stats = lines
+        .iter()
+        .find(|l| l.starts_with("stats "))
+        .cloned()
+        .unwrap_or_default();
+    t.resolved =
+        json_field(&stats, "lost_replies_landed") + json_field(&stats, "lost_replies_failed");
+    t.unresolved = json_field(&stats, "commits_unknown");
+    (lines, a, stats)
+}
+
 fn crashed(t: &mut Tally, store: &mut Store) -> Result<(), Error> {
     if let Some(status) = store.crashed() {
         t.crashes += 1;
@@ -209,21 +231,7 @@ fn server_kill_on(
             .push("the writer did not commit again after the last restart".into());
         t.wrong += 1;
     }
-    let (lines, status) = w.finish(LONG);
-    if !status.is_some_and(|s| s.success()) {
-        t.crashes += 1;
-        t.notes.push(format!("the writer ended with {status:?}"));
-    }
-    let a = acks(&lines);
-    t.acked = a.len() as u64;
-    let stats = lines
-        .iter()
-        .find(|l| l.starts_with("stats "))
-        .cloned()
-        .unwrap_or_default();
-    t.resolved =
-        json_field(&stats, "lost_replies_landed") + json_field(&stats, "lost_replies_failed");
-    t.unresolved = json_field(&stats, "commits_unknown");
+    let (lines, a, _) = finish_writer(&mut t, w);
     let fails = lines.iter().filter(|l| l.starts_with("fail ")).count();
     t.notes.push(format!(
         "{} commits failed while the store was down (reported failed, retried); {} lost replies settled",
@@ -387,22 +395,8 @@ pub fn lost_replies(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally,
     w.expect("ack ", LONG)
         .ok_or_else(|| Error(format!("the writer never committed: {:?}", w.seen)))?;
     std::thread::sleep(budget);
-    let (lines, status) = w.finish(LONG);
-    if !status.is_some_and(|s| s.success()) {
-        t.crashes += 1;
-        t.notes.push(format!("the writer ended with {status:?}"));
-    }
-    let a = acks(&lines);
-    t.acked = a.len() as u64;
+    let (lines, a, stats) = finish_writer(&mut t, w);
     t.trials = t.acked + lines.iter().filter(|l| l.starts_with("fail ")).count() as u64;
-    let stats = lines
-        .iter()
-        .find(|l| l.starts_with("stats "))
-        .cloned()
-        .unwrap_or_default();
-    t.resolved =
-        json_field(&stats, "lost_replies_landed") + json_field(&stats, "lost_replies_failed");
-    t.unresolved = json_field(&stats, "commits_unknown");
     t.notes.push(format!(
         "proxy lost {} commits before the store and {} replies after it; the writer settled {} \
          ({} had landed)",
