@@ -269,15 +269,52 @@ fn list(admin: &Admin, out: &mut impl Write) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Uploads `file` as SQLite reads it, as one consistent snapshot:
+/// - a rollback-journal database is streamed as it is on disk while a read transaction holds
+///   SQLite's shared lock on it, so no other process commits meanwhile (and a hot journal left by
+///   a crashed writer is rolled back first);
+/// - a WAL database is copied with SQLite's online backup API (in one step, so from one read
+///   snapshot) into a temporary file, which is streamed: the committed frames of its `-wal` are
+///   in the copy, which copying the main file alone would lose.
 fn import(admin: &Admin, name: &str, file: &Path) -> anyhow::Result<wire::Txid> {
     let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let len = f.metadata()?.len();
     let mut head = [0u8; crate::dbfile::HEADER_SIZE];
     std::io::Read::read_exact(&mut &f, &mut head)
         .map_err(|_| anyhow::anyhow!("{} is not a SQLite database (too short)", file.display()))?;
     crate::dbfile::DbHeader::parse(&head)
         .with_context(|| format!("{} is not a usable SQLite database", file.display()))?;
-    let f = File::open(file)?;
+    let sqlite_err = |e: rusqlite::Error| {
+        anyhow::anyhow!("SQLite cannot read {} as a database: {e}", file.display())
+    };
+    let src = rusqlite::Connection::open_with_flags(
+        file,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sqlite_err)?;
+    src.busy_timeout(Duration::from_secs(30))
+        .map_err(sqlite_err)?;
+    let mode: String = src
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(sqlite_err)?;
+    let (f, _copy) = if mode.eq_ignore_ascii_case("wal") {
+        let copy = tempfile::Builder::new()
+            .prefix("litevfs-import-")
+            .tempfile()
+            .context("cannot create a temporary file for the snapshot (TMPDIR)")?;
+        let mut dst = rusqlite::Connection::open(copy.path()).map_err(sqlite_err)?;
+        {
+            let b = rusqlite::backup::Backup::new(&src, &mut dst).map_err(sqlite_err)?;
+            b.step(-1).map_err(sqlite_err)?;
+        }
+        dst.close().map_err(|(_, e)| sqlite_err(e))?;
+        (File::open(copy.path())?, Some(copy))
+    } else {
+        // The shared lock lasts until `src` is dropped, after the upload.
+        src.execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")
+            .map_err(sqlite_err)?;
+        (File::open(file)?, None)
+    };
+    let len = f.metadata()?.len();
     let body = reqwest::blocking::Body::sized(f, len);
     let resp = admin.send(
         admin
@@ -288,6 +325,7 @@ fn import(admin: &Admin, name: &str, file: &Path) -> anyhow::Result<wire::Txid> 
     let r: TxidResponse = resp
         .json()
         .context("page store sent a malformed upload reply")?;
+    drop(src);
     Ok(r.txid)
 }
 

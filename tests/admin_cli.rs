@@ -5,6 +5,7 @@ mod server_support;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use server_support::Server;
 
@@ -194,4 +195,81 @@ fn wrong_token_names_the_variable() {
             .success()
     );
     assert!(run("viewer", &["list"]).status.success());
+}
+
+/// A WAL database whose last transactions are only in its `-wal` (its writer still has it open,
+/// so nothing was checkpointed) imports with them: the import reads what SQLite reads, from one
+/// snapshot, and leaves the source as it was.
+#[test]
+fn import_reads_a_wal_database_as_sqlite_does() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("w.db");
+    let writer = rusqlite::Connection::open(&src).unwrap();
+    writer
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 700)
+             INSERT INTO t SELECT i, hex(randomblob(40)) FROM n;",
+        )
+        .unwrap();
+    let wal = dir.path().join("w.db-wal");
+    let wal_len = std::fs::metadata(&wal).unwrap().len();
+    assert!(wal_len > 0, "the rows are in the -wal only");
+    ok(&server, &["import", "w", src.to_str().unwrap()]);
+    let out = dir.path().join("out.db");
+    ok(&server, &["export", "w", out.to_str().unwrap()]);
+    assert_eq!(count_rows(&out), "ok\n700\n");
+    // The source was read, not checkpointed.
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), wal_len);
+    // A further commit of the open writer is in the next import.
+    writer.execute("DELETE FROM t WHERE id > 600", []).unwrap();
+    ok(&server, &["import", "w", src.to_str().unwrap()]);
+    ok(&server, &["export", "w", out.to_str().unwrap(), "--force"]);
+    assert_eq!(count_rows(&out), "ok\n600\n");
+}
+
+/// A rollback-journal database that another process keeps writing is imported as one
+/// consistent snapshot: SQLite's shared lock holds its commits off while the file streams.
+#[test]
+fn import_of_a_database_being_written_is_one_snapshot() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("busy.db");
+    make_db(&src, 2000);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (src, stop) = (src.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = rusqlite::Connection::open(&src).unwrap();
+            c.busy_timeout(Duration::from_secs(30)).unwrap();
+            let mut batches = 0;
+            while !stop.load(Ordering::SeqCst) {
+                c.execute_batch(
+                    "BEGIN IMMEDIATE;
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 100)
+                     INSERT INTO t(v) SELECT hex(randomblob(200)) FROM n;
+                     DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 100);
+                     COMMIT;",
+                )
+                .unwrap();
+                batches += 1;
+            }
+            batches
+        })
+    };
+    let out = dir.path().join("out.db");
+    for _ in 0..5 {
+        ok(&server, &["import", "busy", src.to_str().unwrap()]);
+        ok(
+            &server,
+            &["export", "busy", out.to_str().unwrap(), "--force"],
+        );
+        // Every batch inserts and deletes 100 rows: a snapshot has exactly 2000.
+        assert_eq!(count_rows(&out), "ok\n2000\n");
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(writer.join().unwrap() > 0, "the writer committed meanwhile");
 }
