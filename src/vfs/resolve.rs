@@ -61,19 +61,10 @@ impl Database {
         let deadline = Instant::now() + self.client.commit_deadline();
         let mut pause = FIRST_PAUSE;
         let mut last = first;
-        let mut retry_now = true;
         loop {
-            if !retry_now {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(self.unknown(after, last));
-                }
-                std::thread::sleep(pause.min(deadline - now));
-                pause = (pause * 2).min(MAX_PAUSE);
-            } else if Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return Err(self.unknown(after, last));
             }
-            retry_now = false;
             match self.landed(base, after) {
                 Ok(Landed::Yes) => return self.settled_landed(after),
                 Ok(Landed::Elsewhere(pos)) => {
@@ -87,8 +78,8 @@ impl Database {
                 Ok(Landed::No) => match self.client.write_tx(&self.name, lease_id, ltx.clone()) {
                     Ok(()) => return self.settled_landed(after),
                     // The original (or an earlier copy) got there first, or the store moved:
-                    // ask again.
-                    Err(ClientError::PosMismatch { .. }) => retry_now = true,
+                    // ask again at once.
+                    Err(ClientError::PosMismatch { .. }) => continue,
                     Err(e) if ambiguous(&e) => last = e,
                     Err(refused) => {
                         // Refused outright (the lease expired or the store restarted and forgot
@@ -107,6 +98,8 @@ impl Database {
                 Err(e) if ambiguous(&e) => last = e,
                 Err(e) => return Err(self.unknown(after, e)),
             }
+            std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
 
