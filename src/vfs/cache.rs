@@ -145,6 +145,11 @@ impl Cache {
         self.pos
     }
 
+    /// The directory the cache's files are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn page_size(&self) -> u32 {
         self.page_size
     }

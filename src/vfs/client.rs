@@ -19,6 +19,9 @@ use crate::wire::{
 
 /// Timeout of every ordinary request (connect, send, receive).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The slowest transfer and apply rate a commit's timeout allows for, in bytes per millisecond
+/// (4 MB/s): a 1 GiB commit may take 15 s + 268 s.
+const SLOWEST_COMMIT_BYTES_PER_MS: u64 = 4_000;
 /// Timeout to establish a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -305,10 +308,19 @@ impl Client {
         }
     }
 
-    /// `POST /db/tx`: uploads one LTX file under the given lease.
-    pub fn write_tx(&self, db: &str, lease_id: &str, ltx: bytes::Bytes) -> Result<()> {
+    /// `POST /db/tx`: uploads one LTX file of `len` bytes under the given lease. The timeout
+    /// grows with the size: a large commit is sent, then applied and made durable by the store,
+    /// before the reply comes.
+    pub fn write_tx(
+        &self,
+        db: &str,
+        lease_id: &str,
+        ltx: reqwest::blocking::Body,
+        len: u64,
+    ) -> Result<()> {
         let rb = self
             .request(reqwest::Method::POST, "/db/tx", &[("db", db.to_string())])
+            .timeout(REQUEST_TIMEOUT + Duration::from_millis(len / SLOWEST_COMMIT_BYTES_PER_MS))
             .header(HEADER_LEASE_ID, lease_id)
             .header(CONTENT_TYPE, "application/octet-stream")
             .body(ltx);

@@ -27,6 +27,9 @@ pub struct Config {
     /// `LITEVFS_COMMIT_DEADLINE` (seconds): how long a commit whose reply was lost is pursued
     /// before its outcome is reported unknown.
     pub commit_deadline: Duration,
+    /// `LITEVFS_TXN_MEMORY` (bytes): how much of a write transaction's pages, and of each
+    /// rollback journal, is kept in memory before the rest spills to the cache directory.
+    pub txn_memory: u64,
 }
 
 /// Default of `LITEVFS_COMMIT_DEADLINE`.
@@ -59,6 +62,12 @@ impl Config {
                     // Logging is not set up yet when the environment is read.
                     eprintln!("litevfs: {e}");
                     DEFAULT_COMMIT_DEADLINE
+                })
+            }),
+            txn_memory: var("LITEVFS_TXN_MEMORY").map_or(super::spill::DEFAULT_TXN_MEMORY, |v| {
+                super::spill::parse_txn_memory(&v).unwrap_or_else(|e| {
+                    eprintln!("litevfs: {e}");
+                    super::spill::DEFAULT_TXN_MEMORY
                 })
             }),
         }

@@ -21,6 +21,7 @@ use super::error::{Error, Result};
 use super::lease::HeldLease;
 use super::lock::{ConnId, LockLevel, LockTable};
 use super::prefetch::Prefetcher;
+use super::spill::{DirtyPages, SpillConfig};
 use crate::dbfile::DbHeader;
 use crate::wire::{Changes, ErrorCode, Pos};
 
@@ -86,12 +87,13 @@ pub struct Pending {
     pub changes: Changes,
 }
 
-/// An open write transaction: the pages SQLite wrote, held in memory until the store accepts
-/// them. Never in the cache before that.
+/// An open write transaction: the pages SQLite wrote, held (in memory up to
+/// `LITEVFS_TXN_MEMORY`, then in a spill file) until the store accepts them. Never in the
+/// cache before that.
 #[derive(Debug)]
 pub struct WriteTxn {
     pub owner: ConnId,
-    pub dirty: BTreeMap<Pgno, Vec<u8>>,
+    pub dirty: DirtyPages,
     /// Database size in pages as SQLite sees it inside the transaction.
     pub size: u32,
     pub page_size: u32,
@@ -145,11 +147,17 @@ pub struct Database {
     pub handles: AtomicUsize,
     /// Whether a lease holder thread runs for this database ([`super::lease`]).
     pub holding: std::sync::atomic::AtomicBool,
+    /// Where write transactions and journals of this database spill, and from what size.
+    pub spill: SpillConfig,
 }
 
 impl Database {
     /// Creates the in-process state around a cache; [`Database::attach`] syncs it.
-    pub fn new(name: &str, client: Arc<Client>, cache: Cache) -> Database {
+    pub fn new(name: &str, client: Arc<Client>, cache: Cache, txn_memory: u64) -> Database {
+        let spill = SpillConfig {
+            dir: cache.dir().to_path_buf(),
+            limit: txn_memory,
+        };
         let state = State {
             pos: cache.pos(),
             exists: !cache.pos().is_zero(),
@@ -178,6 +186,7 @@ impl Database {
             last_error: Mutex::new(None),
             handles: AtomicUsize::new(0),
             holding: std::sync::atomic::AtomicBool::new(false),
+            spill,
         }
     }
 
@@ -488,7 +497,7 @@ impl Database {
             let page_size = st.page_size;
             st.write = Some(WriteTxn {
                 owner: me,
-                dirty: BTreeMap::new(),
+                dirty: DirtyPages::new(self.spill.clone()),
                 size: st.size,
                 page_size,
             });
@@ -564,10 +573,11 @@ mod tests {
             cache_dir: None,
             log_file: None,
             commit_deadline: super::super::config::DEFAULT_COMMIT_DEADLINE,
+            txn_memory: crate::vfs::spill::DEFAULT_TXN_MEMORY,
         };
         let client = Arc::new(Client::new(&cfg).unwrap());
         let cache = Cache::open(dir, "d", false).unwrap().unwrap();
-        let db = Database::new("d", client, cache);
+        let db = Database::new("d", client, cache, crate::vfs::spill::DEFAULT_TXN_MEMORY);
         db.settings.lock().sync_period = Duration::ZERO;
         let mut st = db.state.lock();
         let mut p1 = vec![0u8; 512];

@@ -8,6 +8,7 @@ use sqlite_plugin::vars;
 
 use super::cache::CacheError;
 use super::client::ClientError;
+use super::spill::SpillError;
 use crate::ltx::LtxError;
 use crate::wire::{ErrorCode, Pos};
 
@@ -92,6 +93,8 @@ pub enum Error {
     Cache(#[from] CacheError),
     #[error("building the LTX of a commit: {0}")]
     Ltx(#[from] LtxError),
+    #[error(transparent)]
+    Spill(#[from] SpillError),
     #[error("bad value {value:?} for PRAGMA {pragma}: allowed are {allowed}")]
     BadPragma {
         pragma: String,
@@ -120,7 +123,13 @@ impl Error {
             Error::CommitUnknown { .. } | Error::Unsettled { .. } => LITEVFS_IOERR_COMMIT_UNKNOWN,
             Error::TooManyRequests { .. } => LITEVFS_ABORT_TOO_MANY_REQUESTS,
             Error::BadPage { .. } => vars::SQLITE_IOERR_READ,
-            Error::Cache(_) | Error::Ltx(_) | Error::Panic(_) => io_code(op),
+            Error::Spill(e) if e.is_full() => vars::SQLITE_FULL,
+            Error::Ltx(LtxError::Io(e))
+                if SpillError::inside(e).is_some_and(SpillError::is_full) =>
+            {
+                vars::SQLITE_FULL
+            }
+            Error::Cache(_) | Error::Ltx(_) | Error::Spill(_) | Error::Panic(_) => io_code(op),
             Error::BadPragma { .. } | Error::Unsupported(_) => vars::SQLITE_ERROR,
         }
     }
@@ -147,6 +156,13 @@ fn client_code(e: &ClientError, op: Op) -> i32 {
             ) && matches!(op, Op::Write | Op::Commit) =>
         {
             vars::SQLITE_READONLY
+        }
+        // A commit larger than the store's --max-body-size: a capacity limit, not an I/O fault.
+        ClientError::Api { .. }
+            if e.api_code() == Some(ErrorCode::TooLarge)
+                && matches!(op, Op::Write | Op::Commit) =>
+        {
+            vars::SQLITE_FULL
         }
         ClientError::Unreachable { .. }
         | ClientError::Api { .. }

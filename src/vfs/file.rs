@@ -1,7 +1,8 @@
 //! The SQLite-facing side: `sqlite3_vfs` and `sqlite3_io_methods` through sqlite-plugin.
 //!
 //! Owns [`LitevfsVfs`] and the file handles: the main database file (backed by a
-//! [`Database`]), rollback journals (in memory, named, gone after a crash, so a kill -9 never
+//! [`Database`]), rollback journals (in memory, spilling to an anonymous file in the cache
+//! directory past `LITEVFS_TXN_MEMORY`; gone after a crash either way, so a kill -9 never
 //! leaves a hot journal to roll onto the cache), and temporary files (anonymous local files).
 //! It detects commits (journal deleted, truncated or its header zeroed) and routes pragmas.
 //! Every callback runs inside `catch_unwind`, and every error goes through
@@ -24,6 +25,7 @@ use super::lock::ConnId;
 use super::pager::Budget;
 use super::pragma::Pragma;
 use super::report;
+use super::spill::{SpillBuf, SpillConfig};
 use crate::wire::validate_db_name;
 
 /// Suffix SQLite appends to the main database name for its rollback journal.
@@ -40,10 +42,11 @@ pub struct MainFile {
     readonly: bool,
 }
 
-/// A named in-memory file (rollback and super journals, anything else SQLite names).
+/// A named file that lives in this process only (rollback and super journals, anything else
+/// SQLite names): memory, or an anonymous file once large.
 pub struct MemFile {
     name: String,
-    data: Arc<Mutex<Vec<u8>>>,
+    data: Arc<Mutex<SpillBuf>>,
 }
 
 /// The handle SQLite holds for each open file.
@@ -110,12 +113,19 @@ impl LitevfsVfs {
     }
 
     fn open_mem(&self, name: &str) -> Handle {
+        let spill = match self.journal_db(name) {
+            Some(db) => db.spill.clone(),
+            None => SpillConfig {
+                dir: std::env::temp_dir(),
+                limit: self.global.config.txn_memory,
+            },
+        };
         let data = self
             .global
             .journals
             .lock()
             .entry(name.to_string())
-            .or_default()
+            .or_insert_with(|| Arc::new(Mutex::new(SpillBuf::new(spill))))
             .clone();
         Handle::Mem(MemFile {
             name: name.to_string(),
@@ -146,14 +156,11 @@ impl LitevfsVfs {
     fn mem_write(&self, f: &MemFile, offset: usize, buf: &[u8]) -> Result<usize> {
         let finalize = {
             let mut d = f.data.lock();
-            let zeroing = offset == 0
-                && buf.len() >= 8
-                && buf.iter().all(|b| *b == 0)
-                && d.starts_with(&JOURNAL_MAGIC);
-            if d.len() < offset + buf.len() {
-                d.resize(offset + buf.len(), 0);
-            }
-            d[offset..offset + buf.len()].copy_from_slice(buf);
+            let zeroing = offset == 0 && buf.len() >= 8 && buf.iter().all(|b| *b == 0) && {
+                let mut magic = [0u8; 8];
+                d.read_at(0, &mut magic)? == 8 && magic == JOURNAL_MAGIC
+            };
+            d.write_at(offset as u64, buf)?;
             zeroing
         };
         if finalize {
@@ -163,7 +170,7 @@ impl LitevfsVfs {
     }
 
     fn mem_truncate(&self, f: &MemFile, size: usize) -> Result<()> {
-        f.data.lock().resize(size, 0);
+        f.data.lock().set_len(size as u64)?;
         if size == 0 {
             self.finalized(&f.name)?;
         }
@@ -216,7 +223,7 @@ impl Vfs for LitevfsVfs {
             Handle::Main(m) => guard(Some(&m.db), Op::Read, || {
                 m.db.file_size(m.conn).map(|n| n as usize)
             }),
-            Handle::Mem(f) => Ok(f.data.lock().len()),
+            Handle::Mem(f) => Ok(f.data.lock().len() as usize),
             Handle::Temp(f) => guard(None, Op::Read, || {
                 f.metadata().map(|m| m.len() as usize).map_err(io)
             }),
@@ -259,10 +266,10 @@ impl Vfs for LitevfsVfs {
                 m.db.read(m.conn, &mut m.budget, offset as u64, buf)
             }),
             Handle::Mem(f) => {
-                let d = f.data.lock();
-                let n = d.len().saturating_sub(offset).min(buf.len());
-                buf[..n].copy_from_slice(&d[offset.min(d.len())..offset.min(d.len()) + n]);
-                Ok(n)
+                let db = self.journal_db(&f.name);
+                guard(db.as_deref(), Op::Read, || {
+                    Ok(f.data.lock().read_at(offset as u64, buf)?)
+                })
             }
             Handle::Temp(f) => guard(None, Op::Read, || {
                 read_at(f, offset as u64, buf).map_err(io)

@@ -33,6 +33,7 @@ pub mod pager;
 pub mod pragma;
 pub mod prefetch;
 pub mod resolve;
+pub mod spill;
 pub mod sync;
 pub mod writer;
 
@@ -91,8 +92,9 @@ pub struct Litevfs {
     /// `LITEVFS_CACHE_DIR`; `None`: a private directory per database, removed once opened.
     cache_root: Option<PathBuf>,
     databases: Mutex<HashMap<String, Arc<Database>>>,
-    /// Rollback and super journals, by file name. Never on disk.
-    pub journals: Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>,
+    /// Rollback and super journals, by file name: in memory, spilled to an anonymous file when
+    /// large, never a named file on disk.
+    pub journals: Mutex<HashMap<String, Arc<Mutex<spill::SpillBuf>>>>,
     next_conn: AtomicU64,
     threads: std::sync::Once,
 }
@@ -145,7 +147,12 @@ impl Litevfs {
                     .expect("a fresh directory is not locked")
             }
         };
-        let db = Arc::new(Database::new(name, self.client.clone(), cache));
+        let db = Arc::new(Database::new(
+            name,
+            self.client.clone(),
+            cache,
+            self.config.txn_memory,
+        ));
         dbs.insert(name.to_string(), db.clone());
         Ok(db)
     }

@@ -60,7 +60,7 @@ impl Database {
             && !st
                 .write
                 .as_ref()
-                .is_some_and(|w| w.owner == me && w.dirty.contains_key(&pgno));
+                .is_some_and(|w| w.owner == me && w.dirty.contains(pgno));
         if whole_committed && st.cache.get(pgno, buf)? {
             self.stats.hits.fetch_add(1, Relaxed);
             st.prefetch.observe(pgno, buf);
@@ -89,8 +89,9 @@ impl Database {
         page_size: u32,
     ) -> Result<Vec<u8>> {
         if let Some(w) = st.write.as_ref().filter(|w| w.owner == me) {
-            if let Some(d) = w.dirty.get(&pgno) {
-                return Ok(d.clone());
+            let mut buf = vec![0u8; page_size as usize];
+            if w.dirty.get(pgno, &mut buf)? {
+                return Ok(buf);
             }
         }
         if pgno.0 > st.size || page_size != st.page_size {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::client::ClientError;
 use super::database::Database;
 use super::error::{Error, Result};
+use super::spill::SpillBuf;
 use crate::wire::{ErrorCode, Pos};
 
 /// First pause between questions while the store does not answer; doubles up to [`MAX_PAUSE`].
@@ -46,9 +47,11 @@ pub fn ambiguous(e: &ClientError) -> bool {
 impl Database {
     /// Uploads the LTX that takes the database from `base` to `after` under `lease_id`.
     /// `Ok` when, and only when, the store holds `after`.
-    pub(super) fn ship(&self, base: Pos, after: Pos, lease_id: &str, ltx: Vec<u8>) -> Result<()> {
-        let ltx = bytes::Bytes::from(ltx);
-        let first = match self.client.write_tx(&self.name, lease_id, ltx.clone()) {
+    pub(super) fn ship(&self, base: Pos, after: Pos, lease_id: &str, ltx: &SpillBuf) -> Result<()> {
+        let first = match self
+            .client
+            .write_tx(&self.name, lease_id, ltx.body(), ltx.len())
+        {
             Ok(()) => return Ok(()),
             Err(e) if !ambiguous(&e) => return Err(e.into()),
             Err(e) => e,
@@ -75,26 +78,31 @@ impl Database {
                     }
                     .into());
                 }
-                Ok(Landed::No) => match self.client.write_tx(&self.name, lease_id, ltx.clone()) {
-                    Ok(()) => return self.settled_landed(after),
-                    // The original (or an earlier copy) got there first, or the store moved:
-                    // ask again at once.
-                    Err(ClientError::PosMismatch { .. }) => continue,
-                    Err(e) if ambiguous(&e) => last = e,
-                    Err(refused) => {
-                        // Refused outright (the lease expired or the store restarted and forgot
-                        // it): a copy still in flight carries the same lease and is refused too,
-                        // so one more answer settles it.
-                        match self.landed(base, after) {
-                            Ok(Landed::Yes) => return self.settled_landed(after),
-                            Ok(_) => {
-                                self.resolved(after, false);
-                                return Err(refused.into());
+                Ok(Landed::No) => {
+                    match self
+                        .client
+                        .write_tx(&self.name, lease_id, ltx.body(), ltx.len())
+                    {
+                        Ok(()) => return self.settled_landed(after),
+                        // The original (or an earlier copy) got there first, or the store moved:
+                        // ask again at once.
+                        Err(ClientError::PosMismatch { .. }) => continue,
+                        Err(e) if ambiguous(&e) => last = e,
+                        Err(refused) => {
+                            // Refused outright (the lease expired or the store restarted and forgot
+                            // it): a copy still in flight carries the same lease and is refused too,
+                            // so one more answer settles it.
+                            match self.landed(base, after) {
+                                Ok(Landed::Yes) => return self.settled_landed(after),
+                                Ok(_) => {
+                                    self.resolved(after, false);
+                                    return Err(refused.into());
+                                }
+                                Err(e) => last = e,
                             }
-                            Err(e) => last = e,
                         }
                     }
-                },
+                }
                 Err(e) if ambiguous(&e) => last = e,
                 Err(e) => return Err(self.unknown(after, e)),
             }

@@ -1,4 +1,5 @@
-//! Writing: SQLite's page writes buffered in memory, committed as one LTX upload.
+//! Writing: SQLite's page writes buffered (in memory, spilling to a file when large), committed
+//! as one LTX upload.
 //!
 //! Owns the write path of [`Database`]: whole-page writes and truncation inside a write
 //! transaction, the file size SQLite sees, and [`Database::commit_locked`], which uploads the
@@ -13,6 +14,7 @@ use super::commit::{self, Base};
 use super::database::{Database, State, WriteTxn};
 use super::error::{Error, Result};
 use super::lock::ConnId;
+use super::spill::{DirtyPages, SpillBuf};
 use crate::ltx::valid_page_size;
 use crate::wire::ErrorCode;
 
@@ -34,7 +36,7 @@ impl Database {
             )));
         }
         let pgno = Pgno((offset / ps + 1) as u32);
-        w.dirty.insert(pgno, data.to_vec());
+        w.dirty.insert(pgno, data)?;
         w.size = w.size.max(pgno.0);
         Ok(())
     }
@@ -55,8 +57,7 @@ impl Database {
             return Ok(());
         }
         w.size = (bytes / w.page_size as u64) as u32;
-        let size = w.size;
-        w.dirty.retain(|p, _| p.0 <= size);
+        w.dirty.truncate(w.size)?;
         Ok(())
     }
 
@@ -86,7 +87,8 @@ impl Database {
         if w.dirty.is_empty() && w.size == st.size {
             return Ok(());
         }
-        let dirty = std::mem::take(&mut w.dirty);
+        let fresh = w.dirty.fresh();
+        let dirty = std::mem::replace(&mut w.dirty, fresh);
         let (new_size, page_size) = (w.size, w.page_size);
         let result = self.upload(st, dirty, new_size, page_size);
         if let Some(w) = st.write.as_mut() {
@@ -102,7 +104,7 @@ impl Database {
     fn upload(
         &self,
         st: &mut State,
-        mut dirty: std::collections::BTreeMap<Pgno, Vec<u8>>,
+        mut dirty: DirtyPages,
         new_size: u32,
         page_size: u32,
     ) -> Result<bool> {
@@ -117,20 +119,27 @@ impl Database {
             size: if st.pos.is_zero() { 0 } else { st.size },
             page_size,
         };
-        let mut needed = commit::needed_pages(&base, &dirty, new_size);
-        if !base.pos.is_zero() && !needed.contains(&Pgno::ONE) {
-            needed.push(Pgno::ONE);
-        }
-        let committed = self.committed_pages(st, &needed)?;
-        let Some(mut built) = commit::build(&base, &dirty, new_size, &committed)? else {
+        let mut ltx = SpillBuf::new(self.spill.clone());
+        let Some(mut built) = self.build(st, &base, &dirty, new_size, &mut ltx)? else {
             return Ok(false);
         };
-        let page1 = dirty.get(&Pgno::ONE).or(committed.get(&Pgno::ONE));
-        if let Some(p1) = commit::bump_change_counter(committed.get(&Pgno::ONE), page1) {
-            // SQLite did not move the change counter (exclusive locking mode): move it, or
-            // other processes' SQLite would keep stale pages in its own cache.
-            dirty.insert(Pgno::ONE, p1);
-            built = commit::build(&base, &dirty, new_size, &committed)?.expect("page 1 changed");
+        if !base.pos.is_zero() {
+            let old1 = self.committed_pages(st, &[Pgno::ONE])?.remove(&Pgno::ONE);
+            let mut new1 = vec![0u8; page_size as usize];
+            let page1 = if dirty.get(Pgno::ONE, &mut new1)? {
+                Some(new1)
+            } else {
+                old1.clone()
+            };
+            if let Some(p1) = commit::bump_change_counter(old1.as_ref(), page1.as_ref()) {
+                // SQLite did not move the change counter (exclusive locking mode): move it, or
+                // other processes' SQLite would keep stale pages in its own cache.
+                dirty.insert(Pgno::ONE, &p1)?;
+                ltx = SpillBuf::new(self.spill.clone());
+                built = self
+                    .build(st, &base, &dirty, new_size, &mut ltx)?
+                    .expect("page 1 changed");
+            }
         }
         self.refresh_lease();
         let lease_id = self
@@ -141,7 +150,7 @@ impl Database {
             .map(|l| l.id.clone());
         let lease_id = lease_id.ok_or_else(|| Error::NoLease(self.name.clone()))?;
         self.stats.requests.fetch_add(1, Relaxed);
-        if let Err(e) = self.ship(base.pos, built.pos, &lease_id, built.ltx) {
+        if let Err(e) = self.ship(base.pos, built.pos, &lease_id, &ltx) {
             if matches!(e, Error::CommitUnknown { .. }) {
                 st.unsettled = Some(built.pos);
             }
@@ -165,22 +174,64 @@ impl Database {
             }
             return Err(e);
         }
-        tracing::debug!(db = %self.name, pos = %built.pos, pages = built.pages.len(), "committed");
-        let bounds = self.bounds();
+        tracing::debug!(db = %self.name, pos = %built.pos, pages = built.pages, bytes = ltx.len(), "committed");
+        drop(ltx);
         if st.page_size == 0 {
             st.cache.clear()?;
         }
         st.cache.truncate(built.size);
         st.cache.set_pos(built.pos);
-        let zero = vec![0u8; page_size as usize];
-        for p in &built.pages {
-            if let Err(e) = st.cache.put(*p, dirty.get(p).unwrap_or(&zero), bounds) {
-                tracing::warn!(db = %self.name, "{e}");
-                st.cache.remove(*p);
-            }
-        }
         (st.pos, st.size, st.page_size, st.exists, st.size_known) =
             (built.pos, built.size, page_size, true, true);
+        self.cache_committed(st, &dirty, base.size, built.size);
         Ok(true)
+    }
+
+    /// [`commit::build`] with the committed pages read through the cache.
+    fn build(
+        &self,
+        st: &mut State,
+        base: &Base,
+        dirty: &DirtyPages,
+        new_size: u32,
+        out: &mut SpillBuf,
+    ) -> Result<Option<commit::Built>> {
+        let mut committed = |pgnos: &[Pgno]| self.committed_pages(st, pgnos);
+        commit::build(base, dirty, new_size, &mut committed, out)
+    }
+
+    /// Puts a committed transaction's pages into the cache. One that spilled to disk is too
+    /// large to be worth it: its pages only leave the cache, where older copies may sit.
+    fn cache_committed(&self, st: &mut State, dirty: &DirtyPages, old_size: u32, size: u32) {
+        let bounds = self.bounds();
+        let mut page = vec![0u8; st.page_size as usize];
+        let mut at = dirty.first_from(Pgno::ONE);
+        while let Some(p) = at.filter(|p| p.0 <= size) {
+            at = dirty.first_from(p.plus(1));
+            if dirty.is_spilled() {
+                st.cache.remove(p);
+                continue;
+            }
+            let stored = match dirty.get(p, &mut page) {
+                Ok(_) => st.cache.put(p, &page, bounds).map_err(Error::from),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(db = %self.name, "{e}");
+                st.cache.remove(p);
+            }
+        }
+        if dirty.is_spilled() {
+            return;
+        }
+        // Pages the database gained without SQLite writing them are zeros.
+        page.fill(0);
+        let lock = Pgno::lock_page(st.page_size);
+        for p in Pgno::between(old_size, size).filter(|p| *p != lock && !dirty.contains(*p)) {
+            if let Err(e) = st.cache.put(p, &page, bounds) {
+                tracing::warn!(db = %self.name, "{e}");
+                st.cache.remove(p);
+            }
+        }
     }
 }

@@ -6,6 +6,8 @@ command per line and answers one JSON line:
   {"db": "NAME", "sql": "...", "ro": false}  ->  {"ok": true, "rows": [[...], ...]}
                                              or {"ok": false, "error": "...", "code": N}
   {"close": "NAME"}                          ->  {"ok": true}
+  {"rss": "peak" | "reset"}                  ->  {"ok": true, "rows": [[peak KiB, current KiB]]}
+                                                 ("reset" restarts the peak from the current size)
 
 Environment: LITEVFS_EXT (the extension), plus the litevfs variables (LITEFS_CLOUD_HOST, ...).
 """
@@ -35,7 +37,18 @@ def connect(name, ro):
     return conns[key]
 
 
+def memory(what):
+    if what == "reset":
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    return [[int(status["VmHWM"].split()[0]), int(status["VmRSS"].split()[0])]]
+
+
 def handle(cmd):
+    if "rss" in cmd:
+        return {"ok": True, "rows": memory(cmd["rss"])}
     if "close" in cmd:
         for key in [k for k in conns if k[0] == cmd["close"]]:
             conns.pop(key).close()

@@ -164,6 +164,14 @@ class Agent:
     def stats(self, db):
         return json.loads(self.one(db, "pragma litevfs_cache_stats"))
 
+    def rss(self, what="peak"):
+        """(peak, current) resident memory of the process in KiB; "reset" restarts the peak."""
+        self.proc.stdin.write(json.dumps({"rss": what}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        assert r["ok"], r
+        return tuple(r["rows"][0])
+
     def close_db(self, db):
         self.proc.stdin.write(json.dumps({"close": db}) + "\n")
         self.proc.stdin.flush()

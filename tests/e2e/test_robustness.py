@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import HANG_GUARD, shell
 
 
@@ -228,15 +230,19 @@ def test_a_store_that_never_answers_fails_the_read_instead_of_hanging(server, ag
 LITEVFS_IOERR_COMMIT_UNKNOWN = 0x554E4B0A  # SQLITE_IOERR | (0x554E4B << 8)
 
 
-def test_a_commit_whose_reply_is_lost_is_settled_exactly_once(server, lossy, agent, tmp_path):
+@pytest.mark.parametrize("txn_memory", [None, "64KiB"])
+def test_a_commit_whose_reply_is_lost_is_settled_exactly_once(server, lossy, agent, tmp_path, txn_memory):
     """The reply to a commit is lost after it landed, or the commit never arrives: either way
-    COMMIT succeeds and the row is in the store exactly once."""
-    w = agent(LITEFS_CLOUD_HOST=lossy.url)
+    COMMIT succeeds and the row is in the store exactly once. With a small LITEVFS_TXN_MEMORY
+    each commit's LTX is in a spill file, which is sent again from its first byte."""
+    extra = {"LITEVFS_TXN_MEMORY": txn_memory} if txn_memory else {}
+    pad = 300_000 if txn_memory else 0
+    w = agent(LITEFS_CLOUD_HOST=lossy.url, **extra)
     w.sql("lost", "pragma litevfs_acquire_lease")
-    w.sql("lost", "create table t(id integer primary key, v text)")
+    w.sql("lost", "create table t(id integer primary key, v text, pad blob)")
     for i, how in enumerate(["reply", "request", "reply", "request"]):
         lossy.lose(1, how)
-        w.sql("lost", "insert into t(v) values (?)", args=[f"row{i}"])
+        w.sql("lost", "insert into t(v, pad) values (?, randomblob(?))", args=[f"row{i}", pad])
     assert lossy.lost == 4
     s = w.stats("lost")
     assert (s["lost_replies"], s["lost_replies_landed"], s["commits_unknown"]) == (4, 4, 0), s
@@ -244,6 +250,7 @@ def test_a_commit_whose_reply_is_lost_is_settled_exactly_once(server, lossy, age
     w.sql("lost", "insert into t(v) values ('after')")
     r = agent()
     assert r.sql("lost", "select v from t order by id") == [["row0"], ["row1"], ["row2"], ["row3"], ["after"]]
+    assert r.sql("lost", "select sum(length(pad)) from t") == [[4 * max(pad, 1)]]  # randomblob(0) is 1 byte
     assert r.one("lost", "pragma integrity_check") == "ok"
 
 
@@ -272,6 +279,12 @@ def test_a_commit_with_the_store_gone_past_the_deadline_is_reported_unknown(serv
 def test_a_bad_commit_deadline_is_named_and_the_default_used(server, env):
     out = shell("select 1;", env(LITEVFS_COMMIT_DEADLINE="soon"))
     assert "invalid LITEVFS_COMMIT_DEADLINE" in out.stderr, out.stderr
+    assert out.stdout.strip() == "1"
+
+
+def test_a_bad_txn_memory_is_named_and_the_default_used(server, env):
+    out = shell("select 1;", env(LITEVFS_TXN_MEMORY="lots"))
+    assert "invalid LITEVFS_TXN_MEMORY" in out.stderr, out.stderr
     assert out.stdout.strip() == "1"
 
 
