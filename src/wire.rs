@@ -626,6 +626,12 @@ pub const HEADER_PAGE_CHECKSUMS: &str = "Litevfs-Page-Checksums";
 /// client learns the position and page 1 in one round trip.
 pub const HEADER_POS: &str = "Litevfs-Pos";
 
+/// Response header of `GET /db/page` (our extension, optional): the database size in pages at
+/// the position the pages are from (the LTX commit field). SQLite takes the size from page 1's
+/// header only when that count is valid, and from the file size otherwise (files last written
+/// before SQLite 3.7.0 may hold 0 there): this is the file size a client must present.
+pub const HEADER_DB_SIZE: &str = "Litevfs-Db-Size";
+
 /// Formats the value of [`HEADER_PAGE_CHECKSUMS`].
 pub fn encode_page_checksums(pages: impl IntoIterator<Item = (u32, u64)>) -> String {
     pages

@@ -316,6 +316,8 @@ fn pages_at_positions_json_and_frames() {
     // Old position, comma list: page 4 is past that position's end and is left out.
     let r = get(p1, &[("pgno", "2,1,4")]).ok();
     assert_eq!(r.header("Litevfs-Page-Size").as_deref(), Some("4096"));
+    // The size of the position read, as SQLite would take it from the file.
+    assert_eq!(r.header("Litevfs-Db-Size").as_deref(), Some("3"));
     let cks =
         litevfs::wire::parse_page_checksums(&r.header("Litevfs-Page-Checksums").unwrap()).unwrap();
     assert_eq!(cks.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
@@ -376,6 +378,7 @@ fn pages_at_positions_json_and_frames() {
     // learns the position and page 1 in one request.
     let latest = api.get("/db/page", &[("db", "p"), ("pgno", "1,2")]).ok();
     assert_eq!(latest.header("Litevfs-Pos").as_deref(), Some(ps.as_str()));
+    assert_eq!(latest.header("Litevfs-Db-Size").as_deref(), Some("4"));
     let got: PagesResponse = latest.json();
     assert_eq!(
         got.pages.iter().map(|p| p.pgno).collect::<Vec<_>>(),

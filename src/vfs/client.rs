@@ -76,6 +76,8 @@ pub struct Fetched {
     pub checksums: Option<PageChecksums>,
     /// The position the pages are from, when the store names it.
     pub pos: Option<Pos>,
+    /// The database size in pages at that position, when the store sends it.
+    pub size: Option<u32>,
 }
 
 /// Page checksums the store sent with a `GET /db/page` reply, by page number.
@@ -265,6 +267,7 @@ impl Client {
             wire::parse_page_checksums(v).ok()
         })?;
         let served = self.header(&resp, wire::HEADER_POS, |v| v.parse::<Pos>().ok())?;
+        let size = self.header(&resp, wire::HEADER_DB_SIZE, |v| v.parse::<u32>().ok())?;
         let binary = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -283,6 +286,7 @@ impl Client {
             pages,
             checksums,
             pos: served,
+            size,
         })
     }
 

@@ -347,13 +347,29 @@ impl Database {
             why: e.to_string(),
         })?;
         st.page_size = h.page_size;
-        if !h.size_valid || h.page_count == 0 {
-            tracing::warn!(db = %self.name, pages = h.page_count, "the database header's page count is not valid (a file last written by SQLite before 3.7.0?); reads may be wrong");
-        }
-        st.size = h.page_count.max(1);
+        st.size = if h.size_valid && h.page_count > 0 {
+            h.page_count
+        } else {
+            // SQLite ignores such a count (0 or stale, as files last written before 3.7.0 may
+            // have) and takes the size from the file: the store's size of the position.
+            match self.size_at_store(st.pos)? {
+                Some(n) => n,
+                None => {
+                    tracing::warn!(db = %self.name, pages = h.page_count, "the database header's page count is not valid (a file last written by SQLite before 3.7.0?) and the page store does not send the size; reads may be wrong");
+                    h.page_count.max(1)
+                }
+            }
+        };
         st.wal = h.is_wal();
         st.size_known = true;
         Ok(())
+    }
+
+    /// The database size in pages at `pos` as the store reports it (`Litevfs-Db-Size` with
+    /// page 1), or `None` from a store that does not send it.
+    fn size_at_store(&self, pos: Pos) -> Result<Option<u32>> {
+        self.stats.requests.fetch_add(1, Relaxed);
+        Ok(self.client.pages(&self.name, Some(pos), &[1])?.size)
     }
 
     fn page_one(&self, st: &mut State) -> Result<Vec<u8>> {

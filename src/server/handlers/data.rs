@@ -3,8 +3,9 @@
 //!
 //! `/db/page` answers in JSON (base64 pages) or, when the client's `Accept` names
 //! [`MEDIA_PAGE_FRAMES`], in binary page frames (our extension). Both carry
-//! `Litevfs-Page-Size` and `Litevfs-Page-Checksums` (the stored LTX checksum of every page, so
-//! clients can verify pages before caching them).
+//! `Litevfs-Page-Size`, `Litevfs-Db-Size` (the database size in pages at the position) and
+//! `Litevfs-Page-Checksums` (the stored LTX checksum of every page, so clients can verify pages
+//! before caching them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use crate::server::auth::{Caller, Params};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::wire::{
-    ErrorCode, HEADER_HWM, HEADER_LEASE_ID, HEADER_PAGE_CHECKSUMS, HEADER_POS, MEDIA_PAGE_FRAMES,
-    Page, PagesResponse, Pos, Txid, encode_page_checksums, encode_page_frames,
+    ErrorCode, HEADER_DB_SIZE, HEADER_HWM, HEADER_LEASE_ID, HEADER_PAGE_CHECKSUMS, HEADER_POS,
+    MEDIA_PAGE_FRAMES, Page, PagesResponse, Pos, Txid, encode_page_checksums, encode_page_frames,
 };
 
 /// Response header of `/db/page`: the page size at the requested position.
@@ -141,6 +142,7 @@ pub async fn get_page(
             HeaderValue::from_str(&got.pos.to_string()).map_err(ApiError::internal)?,
         ),
         (HEADER_PAGE_SIZE, HeaderValue::from(got.page_size)),
+        (HEADER_DB_SIZE, HeaderValue::from(got.commit)),
         (
             HEADER_PAGE_CHECKSUMS,
             HeaderValue::from_str(&encode_page_checksums(got.checksums))

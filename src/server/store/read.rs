@@ -25,6 +25,8 @@ pub struct PagesAt {
     /// The position the pages are from.
     pub pos: Pos,
     pub page_size: u32,
+    /// The database size in pages at `pos`.
+    pub commit: u32,
     pub pages: Vec<(u32, Vec<u8>)>,
     /// The stored LTX page checksum of each returned page, in the same order.
     pub checksums: Vec<(u32, u64)>,
@@ -202,6 +204,7 @@ fn pages_in(
     Ok(PagesAt {
         pos: txn.pos(),
         page_size: txn.page_size,
+        commit: txn.commit,
         pages,
         checksums,
     })
