@@ -101,12 +101,28 @@ pub struct Settings {
     pub min_available_space: u64,
     /// Most remote requests one query may make; zero means no limit.
     pub max_reqs_per_query: u32,
-    /// Most pages fetched in one request besides the one needed.
+    /// Pages fetched besides the one needed when a read-ahead pattern starts (and with each
+    /// point lookup's b-tree prefetch).
     pub max_prefetch_pages: u32,
+    /// The most bytes one read-ahead request grows to while a scan goes on; 0 keeps every
+    /// request at `max_prefetch_pages`.
+    pub max_readahead_bytes: u64,
 }
 
-/// Upper bound of `litevfs_max_prefetch_pages`.
+impl Settings {
+    /// The read-ahead window in pages of `page_size` bytes: where it starts and its cap.
+    pub fn prefetch_window(&self, page_size: u32) -> (u32, u32) {
+        let base = self.max_prefetch_pages;
+        let cap = (self.max_readahead_bytes / u64::from(page_size.max(1)))
+            .min(u64::from(MAX_PREFETCH_LIMIT)) as u32;
+        (base, if base == 0 { 0 } else { cap.max(base) })
+    }
+}
+
+/// Upper bound of `litevfs_max_prefetch_pages`, and of any one read-ahead request.
 pub const MAX_PREFETCH_LIMIT: u32 = 1024;
+/// Upper bound of `litevfs_max_readahead_bytes`.
+pub const MAX_READAHEAD_LIMIT: u64 = 64 << 20;
 
 impl Default for Settings {
     fn default() -> Settings {
@@ -116,6 +132,7 @@ impl Default for Settings {
             min_available_space: 10 << 20,
             max_reqs_per_query: 0,
             max_prefetch_pages: 32,
+            max_readahead_bytes: 4 << 20,
         }
     }
 }

@@ -106,15 +106,16 @@ impl Database {
         self.stats.misses.fetch_add(1, Relaxed);
         self.spend(budget)?;
         let plan = {
-            let max = self.settings.lock().max_prefetch_pages;
+            let (base, cap) = self.settings.lock().prefetch_window(page_size);
             let (size, lock) = (st.size, Pgno::lock_page(page_size));
             let State {
                 prefetch, cache, ..
             } = &mut **st;
-            prefetch.plan(pgno, max, |p| {
+            prefetch.plan(pgno, base, cap, |p| {
                 p.0 <= size && p != lock && !cache.contains(p)
             })
         };
+        tracing::debug!(db = %self.name, %pgno, window = st.prefetch.window(), pages = plan.len(), "read miss");
         let pos = st.pos;
         let fetched = MutexGuard::unlocked(st, || self.fetch(pos, &plan));
         let mut pages = self.fetched(st, fetched)?;

@@ -8,7 +8,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use super::config::{self, MAX_PREFETCH_LIMIT, format_duration};
+use super::config::{self, MAX_PREFETCH_LIMIT, MAX_READAHEAD_LIMIT, format_duration};
 use super::database::Database;
 use super::error::{Error, Result};
 use super::lease::HeldLease;
@@ -42,6 +42,8 @@ pub enum Pragma {
     MaxReqsPerQuery(Option<u32>),
     /// `PRAGMA litevfs_max_prefetch_pages;` or `PRAGMA litevfs_max_prefetch_pages = 64;`
     MaxPrefetchPages(Option<u32>),
+    /// `PRAGMA litevfs_max_readahead_bytes;` or `PRAGMA litevfs_max_readahead_bytes = '8M';`
+    MaxReadaheadBytes(Option<u64>),
     /// `PRAGMA journal_mode = WAL;` (refused: litevfs reads WAL databases but does not write them)
     JournalModeWal,
 }
@@ -112,6 +114,12 @@ impl Pragma {
                 &format!("a number of pages from 0 to {MAX_PREFETCH_LIMIT}"),
                 |a| config::parse_count(a, MAX_PREFETCH_LIMIT as u64).map(|n| n as u32),
             )?))),
+            "litevfs_max_readahead_bytes" => Ok(Some(Pragma::MaxReadaheadBytes(setting(
+                &name,
+                arg,
+                "a number of bytes up to 64M, optionally with a K or M suffix; 0 turns read-ahead growth off",
+                |a| config::parse_bytes(a).filter(|n| *n <= MAX_READAHEAD_LIMIT),
+            )?))),
             "journal_mode"
                 if arg.is_some_and(|a| a.trim_matches(['\'', '"']).eq_ignore_ascii_case("wal")) =>
             {
@@ -129,6 +137,7 @@ impl Pragma {
             Pragma::MinAvailableSpace(v) => set_or_get(&mut s.min_available_space, v).to_string(),
             Pragma::MaxReqsPerQuery(v) => set_or_get(&mut s.max_reqs_per_query, v).to_string(),
             Pragma::MaxPrefetchPages(v) => set_or_get(&mut s.max_prefetch_pages, v).to_string(),
+            Pragma::MaxReadaheadBytes(v) => set_or_get(&mut s.max_readahead_bytes, v).to_string(),
             Pragma::MaxCachedPages(v) => {
                 let n = set_or_get(&mut s.max_cached_pages, v);
                 drop(s);
@@ -165,7 +174,8 @@ impl Pragma {
             | Pragma::MaxCachedPages(_)
             | Pragma::MinAvailableSpace(_)
             | Pragma::MaxReqsPerQuery(_)
-            | Pragma::MaxPrefetchPages(_) => unreachable!("settings are handled by eval"),
+            | Pragma::MaxPrefetchPages(_)
+            | Pragma::MaxReadaheadBytes(_) => unreachable!("settings are handled by eval"),
         }
     }
 }

@@ -71,6 +71,42 @@ def test_max_prefetch_pages_bounds_each_request(server, agent, big_db):
     assert s["pages_fetched"] == s["misses"], "without prefetch every request brings one page"
 
 
+@pytest.fixture
+def scan_db(tmp_path):
+    """~20 MB in 4 KiB pages: a table of 2000-byte rows (overflow-free) with an index."""
+    return make_db(
+        tmp_path / "scan.db",
+        """
+        create table t(id integer primary key, k text, v blob);
+        with recursive c(x) as (select 1 union all select x + 1 from c where x < 9000)
+        insert into t select x, hex(randomblob(8)), randomblob(2000) from c;
+        create index ik on t(k);
+        """,
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["select sum(length(v)) from t", "pragma integrity_check", "pragma quick_check"],
+)
+def test_cold_scans_read_ahead_in_few_requests(server, agent, scan_db, query):
+    """A full scan, an integrity check (which walks each b-tree from its last child to its
+    first) and a quick check on a cold cache: the read-ahead window grows while the pattern
+    holds, so requests are far fewer than pages; with growth off they are pages / 33."""
+    server.upload("scan", scan_db)
+    pages = scan_db.stat().st_size // 4096
+    counts = {}
+    for readahead in ["4M", "0"]:
+        a = agent()
+        a.sql("scan", f"pragma litevfs_max_readahead_bytes = '{readahead}'")
+        assert a.sql("scan", query)[0][0] is not None
+        counts[readahead] = a.stats("scan")["requests"]
+        a.kill()
+    print(f"{query}: {pages} pages, requests with read-ahead growth / without: {counts}")
+    assert counts["4M"] <= pages // 200, (pages, counts)
+    assert counts["0"] >= pages // 40, (pages, counts)
+
+
 def test_max_reqs_per_query_fails_with_a_clear_error(server, agent, big_db):
     server.upload("big", big_db)
     a = agent()

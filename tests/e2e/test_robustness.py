@@ -60,13 +60,14 @@ def test_pragmas_read_defaults_and_refuse_bad_values(server, env):
         ".open file:p?vfs=litevfs\n"
         "pragma litevfs_cache_sync_period;\npragma litevfs_max_cached_pages;\n"
         "pragma litevfs_min_available_space;\npragma litevfs_max_reqs_per_query;\n"
-        "pragma litevfs_max_prefetch_pages;\npragma litevfs_position;\npragma litevfs_lease;\n"
+        "pragma litevfs_max_prefetch_pages;\npragma litevfs_max_readahead_bytes;\n"
+        "pragma litevfs_position;\npragma litevfs_lease;\n"
         "pragma litevfs_cache_sync_period = '250ms';\npragma litevfs_cache_sync_period;",
         env(),
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [
-        "1s", "262144", "10485760", "0", "32",
+        "1s", "262144", "10485760", "0", "32", "4194304",
         "0000000000000000/0000000000000000", '{"held":false}', "250ms", "250ms",
     ]
     bad = {
@@ -75,6 +76,7 @@ def test_pragmas_read_defaults_and_refuse_bad_values(server, env):
         "litevfs_min_available_space = 'lots'": "K, M or G suffix",
         "litevfs_max_reqs_per_query = 'x'": "a number of requests",
         "litevfs_max_prefetch_pages = 5000": "from 0 to 1024",
+        "litevfs_max_readahead_bytes = '1G'": "up to 64M",
         "litevfs_sync = 1": "takes none",
     }
     for pragma, allowed in bad.items():
