@@ -6,6 +6,7 @@
 //! ([`wire`]) and the LTX codec ([`ltx`]). See `README.md` for use and `../shared/design.md` for
 //! the architecture.
 
+pub mod btree;
 pub mod dbfile;
 pub mod ltx;
 pub mod vfs;

@@ -801,6 +801,62 @@ fn configuration_from_the_environment() {
         .err(413, "ETOOLARGE");
 }
 
+/// `warm=BYTES` on `GET /db/page` (our extension): the store adds the pages every cold reader
+/// needs next, the schema and the interior b-tree pages, each with its checksum, never a leaf of
+/// a data b-tree; local mode only (a bucket backend answers the pages asked for).
+fn warm_open_adds_the_schema_and_interior_pages() {
+    let s = Server::start(&[]);
+    let api = s.api();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(
+        "create table t(id integer primary key, v blob);
+         with recursive s(x) as (select 1 union all select x + 1 from s where x < 20000)
+         insert into t select x, randomblob(150) from s;
+         create index iv on t(v);",
+    )
+    .unwrap();
+    drop(c);
+    let bytes = std::fs::read(&path).unwrap();
+    api.post("/db/upload", &[("db", "w")], bytes.clone()).ok();
+    let page = |n: u32| &bytes[(n as usize - 1) * 4096..n as usize * 4096];
+    let get = |warm: &str| -> PagesResponse {
+        api.get("/db/page", &[("db", "w"), ("pgno", "1"), ("warm", warm)])
+            .ok()
+            .json()
+    };
+    let cold = get("0");
+    assert_eq!(cold.pages.len(), 1);
+    let warm = get("1048576");
+    assert_eq!(warm.pages[0].pgno, 1);
+    for p in &warm.pages[1..] {
+        assert_eq!(p.data, page(p.pgno), "page {} as stored", p.pgno);
+        assert!(
+            litevfs::btree::is_interior(p.pgno, &p.data),
+            "page {} is not interior",
+            p.pgno
+        );
+    }
+    match server_support::backend() {
+        server_support::Backend::Local => {
+            // Both roots, and every interior page of both b-trees (20,000 rows need 2 levels).
+            let want: Vec<u32> = (1..=(bytes.len() / 4096) as u32)
+                .filter(|&n| n > 1 && litevfs::btree::is_interior(n, page(n)))
+                .collect();
+            let mut got: Vec<u32> = warm.pages[1..].iter().map(|p| p.pgno).collect();
+            got.sort_unstable();
+            assert_eq!(got, want);
+            // A budget of two pages brings two: the roots come first.
+            let two = get("8192");
+            assert_eq!(two.pages.len(), 3);
+        }
+        _ => assert_eq!(warm.pages.len(), 1),
+    }
+    api.get("/db/page", &[("db", "w"), ("pgno", "1"), ("warm", "lots")])
+        .err(400, "EBADINPUT");
+}
+
 // Every test above that is not a `#[test]` itself runs once per backend: local store.db,
 // `--store file://`, `--store s3://` on moto. Flag parsing and the environment are tested once.
 on_every_backend!(
@@ -813,6 +869,7 @@ on_every_backend!(
     shrink_and_delete,
     pages_at_positions_json_and_frames,
     page_replies_are_capped_in_bytes_first_page_always_sent,
+    warm_open_adds_the_schema_and_interior_pages,
     bad_names_and_clusters,
     every_error_is_json,
     oversized_bodies_get_413,

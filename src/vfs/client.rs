@@ -247,6 +247,19 @@ impl Client {
     /// accepts JSON. Returns the page checksums too when the store sends
     /// [`wire::HEADER_PAGE_CHECKSUMS`].
     pub fn pages(&self, db: &str, pos: Option<Pos>, pgnos: &[u32]) -> Result<Fetched> {
+        self.pages_warm(db, pos, pgnos, 0)
+    }
+
+    /// [`Client::pages`] asking the store (our extension, `warm=BYTES`) to add, up to `warm`
+    /// bytes, the pages every cold reader of the database needs next: the reply may then hold
+    /// pages that were not asked for.
+    pub fn pages_warm(
+        &self,
+        db: &str,
+        pos: Option<Pos>,
+        pgnos: &[u32],
+        warm: u64,
+    ) -> Result<Fetched> {
         let list = pgnos
             .iter()
             .map(u32::to_string)
@@ -255,6 +268,9 @@ impl Client {
         let mut query = vec![("db", db.to_string()), ("pgno", list)];
         if let Some(pos) = pos {
             query.push(("pos", pos.to_string()));
+        }
+        if warm > 0 {
+            query.push(("warm", warm.to_string()));
         }
         let rb = self
             .request(reqwest::Method::GET, "/db/page", &query)

@@ -30,6 +30,22 @@ pub struct Config {
     /// `LITEVFS_TXN_MEMORY` (bytes): how much of a write transaction's pages, and of each
     /// rollback journal, is kept in memory before the rest spills to the cache directory.
     pub txn_memory: u64,
+    /// `LITEVFS_OPEN_PREFETCH` (bytes): what the request that opens a database asks the store
+    /// to add to page 1 (the schema and the interior b-tree pages); 0 asks for nothing.
+    pub open_prefetch: u64,
+}
+
+/// Default of `LITEVFS_OPEN_PREFETCH`.
+pub const DEFAULT_OPEN_PREFETCH: u64 = 4 << 20;
+
+/// Parses `LITEVFS_OPEN_PREFETCH`: a byte count up to 16 MiB (a page reply's cap).
+pub fn parse_open_prefetch(v: &str) -> Result<u64, String> {
+    match parse_bytes(v) {
+        Some(n) if n <= 16 << 20 => Ok(n),
+        _ => Err(format!(
+            "invalid LITEVFS_OPEN_PREFETCH {v:?}: a byte count from 0 to 16MiB (e.g. 4MiB); using 4MiB"
+        )),
+    }
 }
 
 /// Default of `LITEVFS_COMMIT_DEADLINE`.
@@ -68,6 +84,12 @@ impl Config {
                 super::spill::parse_txn_memory(&v).unwrap_or_else(|e| {
                     eprintln!("litevfs: {e}");
                     super::spill::DEFAULT_TXN_MEMORY
+                })
+            }),
+            open_prefetch: var("LITEVFS_OPEN_PREFETCH").map_or(DEFAULT_OPEN_PREFETCH, |v| {
+                parse_open_prefetch(&v).unwrap_or_else(|e| {
+                    eprintln!("litevfs: {e}");
+                    DEFAULT_OPEN_PREFETCH
                 })
             }),
         }

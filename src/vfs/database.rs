@@ -149,6 +149,8 @@ pub struct Database {
     pub holding: std::sync::atomic::AtomicBool,
     /// Where write transactions and journals of this database spill, and from what size.
     pub spill: SpillConfig,
+    /// `LITEVFS_OPEN_PREFETCH` (bytes): what a cold open asks the store to add to page 1.
+    pub open_prefetch: u64,
 }
 
 impl Database {
@@ -187,6 +189,7 @@ impl Database {
             handles: AtomicUsize::new(0),
             holding: std::sync::atomic::AtomicBool::new(false),
             spill,
+            open_prefetch: 0,
         }
     }
 
@@ -431,7 +434,8 @@ impl Database {
     /// that extension (no `Litevfs-Pos` header, or `pos` required) get the plain sync.
     fn open_cold(&self, st: &mut State) -> Result<()> {
         self.stats.requests.fetch_add(1, Relaxed);
-        let fetched = match self.client.pages(&self.name, None, &[1]) {
+        let warm = self.open_prefetch;
+        let fetched = match self.client.pages_warm(&self.name, None, &[1], warm) {
             Ok(f) => f,
             Err(e) => {
                 match e.api_code() {
@@ -448,19 +452,30 @@ impl Database {
         let Some(pos) = fetched.pos.filter(|p| !p.is_zero()) else {
             return self.sync_locked(st, true);
         };
-        let mut pages = self.accept(&[Pgno::ONE], fetched)?;
+        // With `warm`, the store adds pages of its choosing; each is still checked against its
+        // checksum, and page 1 must be there.
+        let mut asked = vec![Pgno::ONE];
+        if warm > 0 && fetched.checksums.is_some() {
+            asked.extend(fetched.pages.iter().map(|p| Pgno(p.pgno)));
+        }
+        let mut pages = self.accept(&asked, fetched)?;
         let page1 = pages.remove(&Pgno::ONE).ok_or_else(|| Error::BadPage {
             db: self.name.clone(),
             pgno: 1,
             why: "the store did not return page 1".into(),
         })?;
+        let page_size = page1.len();
         self.stats.misses.fetch_add(1, Relaxed);
         st.last_sync = Some(Instant::now());
         st.exists = true;
         st.pos = pos;
         st.cache.set_pos(pos);
         st.size_known = false;
-        st.cache.put(Pgno::ONE, &page1, self.bounds())?;
+        let bounds = self.bounds();
+        st.cache.put(Pgno::ONE, &page1, bounds)?;
+        for (p, data) in pages.into_iter().filter(|(_, d)| d.len() == page_size) {
+            st.cache.put(p, &data, bounds)?;
+        }
         Ok(())
     }
 
@@ -590,6 +605,7 @@ mod tests {
             log_file: None,
             commit_deadline: super::super::config::DEFAULT_COMMIT_DEADLINE,
             txn_memory: crate::vfs::spill::DEFAULT_TXN_MEMORY,
+            open_prefetch: 0,
         };
         let client = Arc::new(Client::new(&cfg).unwrap());
         let cache = Cache::open(dir, "d", false).unwrap().unwrap();

@@ -147,12 +147,9 @@ impl Litevfs {
                     .expect("a fresh directory is not locked")
             }
         };
-        let db = Arc::new(Database::new(
-            name,
-            self.client.clone(),
-            cache,
-            self.config.txn_memory,
-        ));
+        let mut db = Database::new(name, self.client.clone(), cache, self.config.txn_memory);
+        db.open_prefetch = self.config.open_prefetch;
+        let db = Arc::new(db);
         dbs.insert(name.to_string(), db.clone());
         Ok(db)
     }

@@ -22,27 +22,10 @@ const MAX_STRIDE: i64 = 16;
 /// Child page numbers of an interior b-tree page, in key order (left children, then the
 /// right-most pointer). `page` is the whole page; `pgno` 1 has its b-tree header at 100.
 pub fn btree_children(pgno: Pgno, page: &[u8]) -> Vec<Pgno> {
-    let hdr = if pgno == Pgno::ONE { 100 } else { 0 };
-    if page.len() < hdr + 12 || !matches!(page[hdr], 0x02 | 0x05) {
-        return Vec::new();
-    }
-    let be16 = |o: usize| u16::from_be_bytes([page[o], page[o + 1]]) as usize;
-    let be32 = |o: usize| u32::from_be_bytes(page[o..o + 4].try_into().expect("4 bytes"));
-    let ncells = be16(hdr + 3);
-    let mut out = Vec::with_capacity(ncells + 1);
-    for i in 0..ncells {
-        let ptr_at = hdr + 12 + 2 * i;
-        if ptr_at + 2 > page.len() {
-            break;
-        }
-        let cell = be16(ptr_at);
-        if cell + 4 <= page.len() && cell >= hdr + 12 {
-            out.push(Pgno(be32(cell)));
-        }
-    }
-    out.push(Pgno(be32(hdr + 8)));
-    out.retain(|&p| p > Pgno::ONE);
-    out
+    crate::btree::children(pgno.0, page)
+        .into_iter()
+        .map(Pgno)
+        .collect()
 }
 
 /// Per-database prefetch state.

@@ -37,11 +37,51 @@ def test_cold_open_is_one_request(server, env, big_db):
     r = shell(".open file:big?vfs=litevfs\npragma litevfs_cache_stats;\npragma litevfs_position;", env())
     assert r.returncode == 0, r.stderr
     s = stats_line(r.stdout)
-    assert (s["requests"], s["pages_fetched"], s["pages_cached"]) == (1, 1, 1), s
+    # The reply also carries the schema and the interior b-tree pages (LITEVFS_OPEN_PREFETCH).
+    assert s["requests"] == 1 and s["pages_fetched"] == s["pages_cached"] > 1, s
     assert r.stdout.splitlines()[-1].startswith("0000000000000001/")
+    r = shell(".open file:big?vfs=litevfs\npragma litevfs_cache_stats;", env(LITEVFS_OPEN_PREFETCH=0))
+    s = stats_line(r.stdout)
+    assert (s["requests"], s["pages_fetched"], s["pages_cached"]) == (1, 1, 1), s
     # Unknown and lease-only databases open with one request too (empty; writable under a lease).
     r = shell(".open file:nothing-here?vfs=litevfs\npragma litevfs_cache_stats;", env())
     assert stats_line(r.stdout)["requests"] == 1, r.stdout
+
+
+def test_a_cold_point_lookup_costs_two_requests(server, env, tmp_path):
+    """The request that opens the database brings the interior pages of every b-tree, so a
+    point lookup needs one more request, for its leaf, whatever the b-tree's depth."""
+    deep = make_db(
+        tmp_path / "deep.db",
+        """
+        create table t(id integer primary key, v blob);
+        with recursive c(x) as (select 1 union all select x + 1 from c where x < 120000)
+        insert into t select x, randomblob(300) from c;
+        """,
+    )
+    server.upload("deep", deep)
+    depth = None
+    for prefetch, want in [("4MiB", 2), ("0", None)]:
+        for key in [7, 60_001, 119_999]:
+            r = shell(
+                f".open file:deep?vfs=litevfs\nselect length(v) from t where id = {key};\n"
+                "pragma litevfs_cache_stats;",
+                env(LITEVFS_OPEN_PREFETCH=prefetch),
+            )
+            assert r.stdout.splitlines()[0] == "300", r.stderr
+            requests = stats_line(r.stdout)["requests"]
+            if want is not None:
+                assert requests == want, (prefetch, key, requests)
+            else:
+                depth = requests - 1
+    assert depth >= 3, "without it: one request per b-tree level, plus the open"
+
+
+def test_a_bad_open_prefetch_is_named_and_the_default_used(server, env, big_db):
+    server.upload("big", big_db)
+    r = shell(".open file:big?vfs=litevfs\nselect count(*) from t;", env(LITEVFS_OPEN_PREFETCH="1T"))
+    assert "invalid LITEVFS_OPEN_PREFETCH" in r.stderr, r.stderr
+    assert r.stdout.strip() == "20000"
 
 
 def test_apsw_reads_and_cache_db_loads_everything(server, agent, big_db):
@@ -64,7 +104,7 @@ def test_apsw_reads_and_cache_db_loads_everything(server, agent, big_db):
 
 def test_max_prefetch_pages_bounds_each_request(server, agent, big_db):
     server.upload("big", big_db)
-    a = agent()
+    a = agent(LITEVFS_OPEN_PREFETCH=0)
     assert a.one("big", "pragma litevfs_max_prefetch_pages = 0") == "0"
     a.sql("big", "select v from t where id = 7")
     s = a.stats("big")

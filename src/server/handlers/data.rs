@@ -131,8 +131,18 @@ pub async fn get_page(
     // Without `pos` (our extension): the latest position, named in the `Litevfs-Pos` header.
     let pos = params.get("pos").map(parse_pos).transpose()?;
     let pgnos = parse_pgnos(&params)?;
+    // Extension: `warm=BYTES` adds the pages every cold reader needs next (local mode).
+    let warm = match params.get("warm") {
+        None => 0,
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadInput,
+                format!("invalid warm {v:?}: a number of bytes"),
+            )
+        })?,
+    };
     let store = app.store.clone();
-    let got = blocking(move || store.pages_at(&key, pos, &pgnos)).await?;
+    let got = blocking(move || store.pages_at(&key, pos, &pgnos, warm)).await?;
     let bytes: usize = got.pages.iter().map(|(_, d)| d.len()).sum();
     Metrics::add(&app.metrics.pages_served, got.pages.len() as u64);
     Metrics::add(&app.metrics.page_bytes_served, bytes as u64);

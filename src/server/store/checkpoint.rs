@@ -151,7 +151,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         // The data is intact after the checkpoint.
-        let got = store.pages_at(&key, None, &[1, size]).unwrap();
+        let got = store.pages_at(&key, None, &[1, size], 0).unwrap();
         assert_eq!(got.pages[0].1, vec![1u8; ps as usize]);
         assert_eq!(got.pages[1].1, vec![(size % 251) as u8; ps as usize]);
     }

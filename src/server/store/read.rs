@@ -43,9 +43,26 @@ impl Store {
     /// Pages `pgnos` as of `pos`, or of the latest position when `pos` is `None`. Page numbers
     /// past that position's commit size are left out, except that the first one requested
     /// yields `ENOPAGE`. The lock page reads as zeros.
-    pub fn pages_at(&self, key: &DbKey, pos: Option<Pos>, pgnos: &[u32]) -> StoreResult<PagesAt> {
+    ///
+    /// `warm` (bytes, our extension, local mode only): the reply also carries, up to that much,
+    /// the pages a cold reader of the database needs next whatever its query: the schema table
+    /// and the interior pages of every b-tree, roots first, then level by level (see
+    /// [`warm_pages`]).
+    pub fn pages_at(
+        &self,
+        key: &DbKey,
+        pos: Option<Pos>,
+        pgnos: &[u32],
+        warm: usize,
+    ) -> StoreResult<PagesAt> {
         let Some(r) = self.remote() else {
-            return self.read(|tx| pages_in(tx, key, pos, pgnos, &LocalBytes, false));
+            return self.read(|tx| {
+                let mut got = pages_in(tx, key, pos, pgnos, &LocalBytes, false)?;
+                if warm > 0 {
+                    add_warm_pages(tx, key, &mut got, warm, &LocalBytes)?;
+                }
+                Ok(got)
+            });
         };
         let need = pos.map_or(Need::Recent, |p| Need::Txid(p.txid.0));
         self.sync_db(r, key, need)?;
@@ -208,6 +225,132 @@ fn pages_in(
         pages,
         checksums,
     })
+}
+
+/// Adds the warm pages of `got`'s position to it, up to `budget` bytes and the reply's cap.
+fn add_warm_pages(
+    tx: &Connection,
+    key: &DbKey,
+    got: &mut PagesAt,
+    budget: usize,
+    fetch: &dyn Fetch,
+) -> StoreResult<()> {
+    let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
+    let txn = txn_at(tx, db_id, got.pos.txid.0)?.ok_or_else(|| StoreError::PosMismatch(got.pos))?;
+    let ps = txn.page_size as usize;
+    let have: usize = got.pages.iter().map(|(_, d)| d.len()).sum();
+    let room = budget.min(MAX_PAGE_REPLY_BYTES.saturating_sub(have)) / ps;
+    let mut seen: std::collections::HashSet<u32> = got.pages.iter().map(|(p, _)| *p).collect();
+    let mut added = 0;
+    for (v, data) in warm_pages(tx, db_id, &txn, fetch, room + seen.len())? {
+        if added >= room {
+            break;
+        }
+        if seen.insert(v.pgno) {
+            got.checksums.push((v.pgno, v.ck));
+            got.pages.push((v.pgno, data));
+            added += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The pages any cold reader of the database at `txn` reads first: the whole schema table (a
+/// statement cannot be prepared without it), then the interior pages of every table and index,
+/// roots first, then level by level, at most `most` pages in all. Leaves of data b-trees are
+/// never included; b-trees are balanced, so one probe per b-tree and level tells whether the
+/// next level is interior.
+pub(super) fn warm_pages(
+    tx: &Connection,
+    db_id: i64,
+    txn: &TxnRow,
+    fetch: &dyn Fetch,
+    most: usize,
+) -> StoreResult<Vec<(Version, Vec<u8>)>> {
+    use crate::btree;
+    let read = |pgnos: &[u32]| -> StoreResult<Vec<(Version, Vec<u8>)>> {
+        let mut vs = Vec::with_capacity(pgnos.len());
+        for &p in pgnos {
+            if let Some(v) = read_page(tx, db_id, txn, p, fetch.bucket())? {
+                vs.push(v);
+            }
+        }
+        let datas = fetch.batch(tx, db_id, &vs)?;
+        Ok(vs.into_iter().zip(datas).collect())
+    };
+    let mut out: Vec<(Version, Vec<u8>)> = Vec::new();
+    let mut seen = std::collections::HashSet::from([1u32]);
+    // The schema table, whole.
+    let mut roots = Vec::new();
+    let mut level = vec![1u32];
+    let mut usable = txn.page_size as usize;
+    while !level.is_empty() && out.len() < most {
+        let mut next = Vec::new();
+        for (v, d) in read(&level)? {
+            if v.pgno == 1 {
+                usable -= usize::from(d.get(20).copied().unwrap_or(0));
+            }
+            if btree::is_interior(v.pgno, &d) {
+                next.extend(
+                    btree::children(v.pgno, &d)
+                        .into_iter()
+                        .filter(|c| seen.insert(*c)),
+                );
+            } else {
+                roots.extend(btree::schema_roots(v.pgno, &d, usable));
+            }
+            out.push((v, d));
+        }
+        level = next;
+    }
+    // Every b-tree's interior levels, each page tagged with its tree.
+    let mut level: Vec<(u32, u32)> = roots
+        .into_iter()
+        .filter(|r| *r <= txn.commit && seen.insert(*r))
+        .map(|r| (r, r))
+        .collect();
+    while !level.is_empty() && out.len() < most {
+        level.truncate(most - out.len());
+        let pgnos: Vec<u32> = level.iter().map(|(_, p)| *p).collect();
+        let trees: std::collections::HashMap<u32, u32> =
+            level.iter().map(|(t, p)| (*p, *t)).collect();
+        let mut next: Vec<(u32, u32)> = Vec::new();
+        for (v, d) in read(&pgnos)? {
+            if !btree::is_interior(v.pgno, &d) {
+                continue;
+            }
+            let tree = trees[&v.pgno];
+            next.extend(
+                btree::children(v.pgno, &d)
+                    .into_iter()
+                    .filter(|c| *c <= txn.commit && seen.insert(*c))
+                    .map(|c| (tree, c)),
+            );
+            out.push((v, d));
+        }
+        // One probe per tree: are its next-level pages interior?
+        let mut probes: Vec<u32> = Vec::new();
+        let mut probed = std::collections::HashSet::new();
+        for (t, p) in &next {
+            if probed.insert(*t) {
+                probes.push(*p);
+            }
+        }
+        let interior: std::collections::HashSet<u32> = read(&probes)?
+            .into_iter()
+            .filter(|(v, d)| btree::is_interior(v.pgno, d))
+            .map(|(v, _)| v.pgno)
+            .collect();
+        let deeper: std::collections::HashSet<u32> = next
+            .iter()
+            .filter(|(_, p)| interior.contains(p))
+            .map(|(t, _)| *t)
+            .collect();
+        next.retain(|(t, _)| deeper.contains(t));
+        level = next;
+    }
+    out.truncate(most);
+    Ok(out)
 }
 
 /// The transaction at `pos` if it is still retained and its checksum matches; otherwise

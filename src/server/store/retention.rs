@@ -206,7 +206,7 @@ mod tests {
             (0, 0, 21)
         );
         for (i, pos) in positions.iter().enumerate() {
-            let got = store.pages_at(&key(), Some(*pos), &[1]).unwrap();
+            let got = store.pages_at(&key(), Some(*pos), &[1], 0).unwrap();
             assert_eq!(got.pages[0].1, vec![i as u8; 512]);
         }
     }
@@ -244,9 +244,9 @@ mod tests {
             "a second pass finds nothing"
         );
         let head = *positions.last().unwrap();
-        let got = store.pages_at(&key(), Some(head), &[1, 2]).unwrap();
+        let got = store.pages_at(&key(), Some(head), &[1, 2], 0).unwrap();
         assert_eq!(got.pages, vec![(1, vec![19; 512]), (2, vec![0xee; 512])]);
-        let old = store.pages_at(&key(), Some(positions[0]), &[1]);
+        let old = store.pages_at(&key(), Some(positions[0]), &[1], 0);
         assert!(matches!(old, Err(StoreError::PosMismatch(p)) if p == head));
         // Writing continues on top of the compacted history.
         let more = commits(

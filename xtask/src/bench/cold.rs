@@ -1,7 +1,8 @@
 //! Workload 2, cold reads: the first point lookup and the first small range query on the big
 //! database, each in a fresh process with an empty litevfs cache, against one page store (with or
-//! without its per-request delay); and a full download of the same database at the same delay,
-//! for comparison.
+//! without its per-request delay); a cold full scan and a cold `PRAGMA integrity_check` of the
+//! whole database (what read-ahead is for); and a full download of the same database at the
+//! same delay, for comparison.
 //!
 //! Requests, pages and bytes are counted by the server (`GET /metrics` before and after, not
 //! counting `/metrics` itself) and, when the extension reports them, by `litevfs_cache_stats`.
@@ -27,6 +28,16 @@ pub fn page_requests_metric(delay: u64) -> String {
 }
 pub fn download_metric(delay: u64) -> String {
     format!("full download (GET /db/snapshot), delay {delay} ms")
+}
+
+/// Whole-database walks on a cold cache: (metric name, driver command).
+pub const WALKS: [(&str, &str); 2] = [
+    ("cold full scan", "scan"),
+    ("cold integrity_check", "pragma integrity_check"),
+];
+
+pub fn walk_metric(what: &str, delay: u64) -> String {
+    format!("{what} of the whole database, delay {delay} ms")
 }
 
 /// What one cold query cost on the litevfs side.
@@ -112,10 +123,45 @@ pub fn run(
         one(range.ms.clone()),
     );
     cost_rows(rep, "range query", delay, &range, false);
-    if let (Some(u), None) = (url, &lv_err)
-        && let Err(e) = downloads(ctx, db, u, delay, rep)
-    {
-        lv_err = Some(e);
+    let mut walks = Vec::new();
+    for (what, q) in WALKS {
+        let (mut plain, mut cost) = (vec![], Cost::default());
+        for i in 0..ctx.p.walk_reps {
+            plain.push(plain_once(ctx, db, q)?.0);
+            if let (Some(u), None) = (url, &lv_err) {
+                let cache = ctx.dir(&format!("cache-walk-{delay}-{i}"));
+                if let Err(e) = litevfs_once(ctx, u, &cache, q, &mut cost) {
+                    lv_err = Some(Error(format!("{q}: {e}")));
+                }
+                let _ = std::fs::remove_dir_all(&cache);
+            }
+        }
+        rep.row(
+            NAME,
+            &walk_metric(what, delay),
+            "ms",
+            Summary::of(plain),
+            Summary::of(cost.ms.clone()),
+        );
+        cost_rows(rep, what, delay, &cost, false);
+        walks.push((what, cost.ms));
+    }
+    if let (Some(u), None) = (url, &lv_err) {
+        match downloads(ctx, db, u, delay, rep) {
+            Ok(full_ms) => {
+                for (what, ms) in walks {
+                    let ratio: Vec<f64> = ms.iter().map(|m| m / full_ms).collect();
+                    rep.row(
+                        NAME,
+                        &format!("  {what}: time / full download time, delay {delay} ms"),
+                        "ratio",
+                        None,
+                        Summary::of(ratio),
+                    );
+                }
+            }
+            Err(e) => lv_err = Some(e),
+        }
     }
     let hwm: Vec<f64> = look.hwm_kb.iter().chain(&range.hwm_kb).copied().collect();
     let mib = |v: Vec<f64>| {
@@ -213,8 +259,14 @@ pub fn litevfs_once(
     Ok(())
 }
 
-/// Full downloads of the database at this delay: time and throughput.
-fn downloads(ctx: &Ctx, db: &DbFile, url: &str, delay: u64, rep: &mut Report) -> Result<(), Error> {
+/// Full downloads of the database at this delay: time and throughput; returns the median time.
+fn downloads(
+    ctx: &Ctx,
+    db: &DbFile,
+    url: &str,
+    delay: u64,
+    rep: &mut Report,
+) -> Result<f64, Error> {
     let out = ctx.dir("download.db");
     let (mut ms, mut mbs) = (vec![], vec![]);
     for _ in 0..ctx.p.cold_reps.min(3) {
@@ -232,6 +284,7 @@ fn downloads(ctx: &Ctx, db: &DbFile, url: &str, delay: u64, rep: &mut Report) ->
         mbs.push(bytes / 1e6 / (t / 1e3));
         let _ = std::fs::remove_file(&out);
     }
+    let median = Summary::of(ms.clone()).map_or(f64::NAN, |s| s.median());
     rep.row(NAME, &download_metric(delay), "ms", None, Summary::of(ms));
     rep.row(
         NAME,
@@ -240,5 +293,5 @@ fn downloads(ctx: &Ctx, db: &DbFile, url: &str, delay: u64, rep: &mut Report) ->
         None,
         Summary::of(mbs),
     );
-    Ok(())
+    Ok(median)
 }

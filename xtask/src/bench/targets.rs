@@ -73,6 +73,39 @@ pub fn evaluate(rep: &mut Report, f: &Facts) {
         t.1,
     );
 
+    // Issue 10: a cold walk of the whole database costs requests in proportion to its size
+    // over the read-ahead window, not to its pages.
+    let pages = f.big_bytes as f64 / 4096.0;
+    let mut worst: Option<(f64, String)> = None;
+    let mut missing = false;
+    for (what, _) in cold::WALKS {
+        for d in [0, f.delay_ms] {
+            let metric = format!("  {what}: page requests (GET /db/page), delay {d} ms");
+            match lv_max(rep, cold::NAME, &metric) {
+                Some(n) if worst.as_ref().is_none_or(|(w, _)| n > *w) => {
+                    worst = Some((n, format!("{what} at {d} ms")))
+                }
+                Some(_) => {}
+                None => missing = true,
+            }
+        }
+    }
+    let t = match worst {
+        Some((n, which)) if !missing => (
+            Some(n <= pages / 256.0),
+            format!(
+                "worst: {which}, {n:.0} page requests for {pages:.0} pages ({:.0} pages per request; target >= 256)",
+                pages / n.max(1.0)
+            ),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target(
+        "cold full scan and integrity_check: at least 256 pages per request",
+        t.0,
+        t.1,
+    );
+
     let d = f.delay_ms;
     let look = lv_median(rep, cold::NAME, &cold::lookup_metric(d));
     let full = lv_median(rep, cold::NAME, &cold::download_metric(d));
