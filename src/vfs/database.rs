@@ -564,6 +564,7 @@ mod tests {
             cache_dir: None,
             log_file: None,
             commit_deadline: super::super::config::DEFAULT_COMMIT_DEADLINE,
+            default_vfs: false,
         };
         let client = Arc::new(Client::new(&cfg).unwrap());
         let cache = Cache::open(dir, "d", false).unwrap().unwrap();
