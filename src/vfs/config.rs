@@ -33,6 +33,10 @@ pub struct Config {
     /// `LITEVFS_OPEN_PREFETCH` (bytes): what the request that opens a database asks the store
     /// to add to page 1 (the schema and the interior b-tree pages); 0 asks for nothing.
     pub open_prefetch: u64,
+    /// `LITEVFS_DEFAULT_VFS`: every entry point makes `litevfs` the default VFS, as
+    /// `sqlite3_litevfs_default_init` always does. For hosts whose extension loader cannot name
+    /// an entry point, or whose open call takes no URI and no VFS name.
+    pub default_vfs: bool,
 }
 
 /// Default of `LITEVFS_OPEN_PREFETCH`.
@@ -62,12 +66,32 @@ pub fn parse_commit_deadline(v: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses `LITEVFS_DEFAULT_VFS`: `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`, in any
+/// case. Anything else is an error rather than a guess: a switch that silently stayed off would
+/// let a host open a local file where the page store was meant.
+pub fn parse_default_vfs(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "invalid LITEVFS_DEFAULT_VFS {v:?}: 1, true, yes or on make litevfs the default VFS; \
+             0, false, no or off (or unset) leave the choice to the entry point"
+        )),
+    }
+}
+
 impl Config {
-    /// Reads the environment. Empty values count as unset.
-    pub fn from_env() -> Config {
+    /// Reads the environment. Empty values count as unset. A bad `LITEVFS_DEFAULT_VFS` is an
+    /// error (the extension does not load); a bad `LITEVFS_COMMIT_DEADLINE` is named on stderr
+    /// and the default used.
+    pub fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let host = var("LITEFS_CLOUD_HOST").unwrap_or_else(|| DEFAULT_HOST.to_string());
-        Config {
+        let default_vfs = match var("LITEVFS_DEFAULT_VFS") {
+            Some(v) => parse_default_vfs(&v)?,
+            None => false,
+        };
+        Ok(Config {
             host: normalize_host(&host),
             token: var("LITEFS_CLOUD_TOKEN"),
             cluster: var("LITEFS_CLOUD_CLUSTER"),
@@ -92,7 +116,8 @@ impl Config {
                     DEFAULT_OPEN_PREFETCH
                 })
             }),
-        }
+            default_vfs,
+        })
     }
 }
 
@@ -245,6 +270,21 @@ mod tests {
         assert_eq!(parse_count("5", 10), Some(5));
         assert_eq!(parse_count("11", 10), None);
         assert_eq!(parse_count("-1", 10), None);
+    }
+
+    #[test]
+    fn default_vfs_switch() {
+        for on in ["1", "true", "YES", " On "] {
+            assert_eq!(parse_default_vfs(on), Ok(true), "{on}");
+        }
+        for off in ["0", "false", "No", "OFF"] {
+            assert_eq!(parse_default_vfs(off), Ok(false), "{off}");
+        }
+        for bad in ["2", "y", "enabled", "litevfs", "-1"] {
+            let e = parse_default_vfs(bad).unwrap_err();
+            assert!(e.starts_with("invalid LITEVFS_DEFAULT_VFS"), "{e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

@@ -606,6 +606,7 @@ mod tests {
             commit_deadline: super::super::config::DEFAULT_COMMIT_DEADLINE,
             txn_memory: crate::vfs::spill::DEFAULT_TXN_MEMORY,
             open_prefetch: 0,
+            default_vfs: false,
         };
         let client = Arc::new(Client::new(&cfg).unwrap());
         let cache = Cache::open(dir, "d", false).unwrap().unwrap();

@@ -1,10 +1,12 @@
 //! The extension's entry points, configuration from the environment, and logging setup.
 //!
-//! Owns `sqlite3_litevfs_init` (registers the VFS `litevfs`) and
-//! `sqlite3_litevfs_default_init` (registers it as the default VFS). Both register through the
-//! `sqlite3_api_routines` the host hands over, so they work in hosts that link SQLite
-//! statically, and return `SQLITE_OK_LOAD_PERMANENTLY`. Loading again into the same SQLite is a
-//! no-op (or only makes the VFS the default). It does no I/O beyond reading the environment.
+//! Owns `sqlite3_litevfs_init` (registers the VFS `litevfs`; the default VFS too when
+//! `LITEVFS_DEFAULT_VFS` is on) and `sqlite3_litevfs_default_init` (registers it as the default
+//! VFS). Both register through the `sqlite3_api_routines` the host hands over, so they work in
+//! hosts that link SQLite statically, and return `SQLITE_OK_LOAD_PERMANENTLY`. Loading again
+//! into the same SQLite is a no-op (or only makes the VFS the default). A bad environment value
+//! that would change where databases open fails the load, before anything is registered. It
+//! does no I/O beyond reading the environment.
 
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -26,7 +28,8 @@ static GLOBAL: OnceLock<Result<Arc<Litevfs>, String>> = OnceLock::new();
 pub(super) static LOGGER: OnceLock<SqliteLogger> = OnceLock::new();
 static TRACING: Once = Once::new();
 
-/// Entry point of `.load liblitevfs.so`: registers the VFS `litevfs`.
+/// Entry point of `.load liblitevfs.so`: registers the VFS `litevfs`, and makes it the default
+/// VFS when `LITEVFS_DEFAULT_VFS` is on.
 ///
 /// # Safety
 /// Called by SQLite's extension loader with a valid `sqlite3_api_routines` pointer.
@@ -91,8 +94,9 @@ unsafe fn register(
     api: &sqlite3_api_routines,
     make_default: bool,
 ) -> Result<(), String> {
-    let config = Config::from_env();
+    let config = Config::from_env().map_err(|e| format!("litevfs: {e}"))?;
     setup_tracing(&config);
+    let make_default = make_default || config.default_vfs;
     let name = CString::new(VFS_NAME).expect("no NUL");
     if let (Some(find), Some(reg)) = (api.vfs_find, api.vfs_register) {
         // SAFETY: `name` is a valid C string; the functions come from the host's SQLite.

@@ -203,6 +203,25 @@ def test_default_entry_point_makes_litevfs_the_default(server, env, big_db):
     assert r.stdout.strip() == "20000"
 
 
+def test_default_vfs_environment_variable(server, env, big_db):
+    server.upload("big", big_db)
+    count = ".open big\nselect count(*) from t;"
+    for on in ["1", "yes", "ON"]:
+        r = shell(count, env(LITEVFS_DEFAULT_VFS=on))
+        assert r.returncode == 0 and r.stdout.strip() == "20000", (on, r.stderr)
+    # Off leaves the choice to the entry point.
+    r = shell(count, env(LITEVFS_DEFAULT_VFS="0"), load=f".load {EXT} sqlite3_litevfs_default_init")
+    assert r.returncode == 0 and r.stdout.strip() == "20000", r.stderr
+    # .vfslist lists the default VFS first.
+    r = shell(".vfslist", env(LITEVFS_DEFAULT_VFS="off"))
+    assert r.stdout.split()[:3] == ["vfs.zName", "=", '"unix"'], r.stdout
+    # A bad value fails the load with the reason, and registers nothing.
+    r = shell(".open file:big?vfs=litevfs\nselect count(*) from t;", env(LITEVFS_DEFAULT_VFS="please"))
+    assert 'invalid LITEVFS_DEFAULT_VFS "please": 1, true, yes or on' in r.stderr, r.stderr
+    assert "no such vfs: litevfs" in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
 def test_wal_database_is_readable_and_not_writable(server, agent, tmp_path):
     import sqlite3
 

@@ -2,8 +2,11 @@
 //!
 //! Order: system set-up, release build (the tests use release artifacts so that dependencies
 //! compile once), the Rust tests of the workspace (unit tests, the page-store conformance and
-//! crash suites, the admin CLI), then the Python end-to-end suite (tests/e2e, examples included) that load `liblitevfs.so`
-//! into real hosts (the Debian sqlite3 shell, apsw from PyPI) and run the examples.
+//! crash suites, the admin CLI), then the Python end-to-end suite (tests/e2e, examples included)
+//! that loads `liblitevfs.so` into real hosts (the Debian sqlite3 shell, apsw from PyPI) and runs
+//! the examples. The Node, Go and PHP examples run where their toolchain is installed: which run
+//! and which are skipped (and why) is printed before the suite, and pytest lists the skips again
+//! at its end. `LITEVFS_EXAMPLES_REQUIRED=node,go,php` turns those skips into failures.
 
 use std::process::Command;
 
@@ -27,11 +30,27 @@ pub fn run(args: &[String]) -> Result<(), Error> {
         "cargo test",
     )?;
 
+    println!("==> examples in other languages (their toolchains on this machine)");
+    // Only informs: a required example that cannot run fails in pytest, with the others run.
+    let _ = Command::new(&py)
+        .current_dir(&root)
+        .arg("tests/e2e/toolchains.py")
+        .status();
+
     println!("==> end-to-end tests and examples: pytest tests/e2e");
     run_checked(
         Command::new(&py)
             .current_dir(&root)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/e2e"])
+            // -rs: the summary lists every skipped test with its reason.
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "tests/e2e",
+            ])
             .args(&pytest_args)
             .env("LITEVFS_BIN", &art.bin)
             .env("LITEVFS_EXT", &art.ext)
