@@ -429,15 +429,15 @@ impl std::fmt::Debug for DirtyPages {
     }
 }
 
-/// Parses `LITEVFS_TXN_MEMORY`: a byte count (`16MiB`, `64M`, `1048576`), at least 64 KiB.
+/// Parses `LITEVFS_TXN_MEMORY`: a byte count (`16MiB`, `64M`, `1048576`); 0 spills everything
+/// (slow: for tests that must exercise the spill files).
 pub fn parse_txn_memory(v: &str) -> std::result::Result<u64, String> {
-    match super::config::parse_bytes(v) {
-        Some(n) if n >= 64 << 10 => Ok(n),
-        _ => Err(format!(
-            "invalid LITEVFS_TXN_MEMORY {v:?}: a byte count of at least 64KiB (e.g. 16MiB); using {}MiB",
+    super::config::parse_bytes(v).ok_or_else(|| {
+        format!(
+            "invalid LITEVFS_TXN_MEMORY {v:?}: a byte count such as 16MiB, 64M or 1048576; using {}MiB",
             DEFAULT_TXN_MEMORY >> 20
-        )),
-    }
+        )
+    })
 }
 
 #[cfg(test)]
@@ -514,7 +514,8 @@ mod tests {
     fn txn_memory_values() {
         assert_eq!(parse_txn_memory("16MiB"), Ok(16 << 20));
         assert_eq!(parse_txn_memory("65536"), Ok(65536));
-        assert!(parse_txn_memory("1k").is_err());
+        assert_eq!(parse_txn_memory("0"), Ok(0));
         assert!(parse_txn_memory("lots").is_err());
+        assert!(parse_txn_memory("-1").is_err());
     }
 }

@@ -123,6 +123,11 @@ pub fn run(
         one(range.ms.clone()),
     );
     cost_rows(rep, "range query", delay, &range, false);
+    if let (Some(u), None) = (url, &lv_err)
+        && let Err(e) = warm_restart(ctx, u, delay, rep)
+    {
+        lv_err = Some(e);
+    }
     let mut walks = Vec::new();
     for (what, q) in WALKS {
         let (mut plain, mut cost) = (vec![], Cost::default());
@@ -256,6 +261,47 @@ pub fn litevfs_once(
         c.vfs_requests.push(v);
     }
     c.hwm_kb.push(s.cmd("rss")?.num("hwm_kb")?);
+    Ok(())
+}
+
+pub fn warm_restart_metric(delay: u64) -> String {
+    format!("warm restart: requests of open + the same point lookup (server), delay {delay} ms")
+}
+
+/// A process fills a persistent cache (`LITEVFS_CACHE_DIR`) with a point lookup and exits; the
+/// next one, on that cache, repeats it: what does revalidating the cache cost?
+fn warm_restart(ctx: &Ctx, url: &str, delay: u64, rep: &mut Report) -> Result<(), Error> {
+    let cache = ctx.dir(&format!("cache-restart-{delay}"));
+    let _ = std::fs::remove_dir_all(&cache);
+    let q = "lookup 4242";
+    {
+        let (mut s, _) = ctx.drv.litevfs("big", url, &cache)?;
+        s.cmd(q)?;
+    }
+    let (mut reqs, mut ms) = (vec![], vec![]);
+    for _ in 0..ctx.p.cold_reps.min(3) {
+        let m0 = metrics(url)?;
+        let (mut s, open) = ctx.drv.litevfs("big", url, &cache)?;
+        let r = s.cmd(q)?;
+        drop(s);
+        reqs.push(metrics(url)?.requests - m0.requests);
+        ms.push(open.num("open_ms")? + r.num("ms")?);
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    rep.row(
+        NAME,
+        &warm_restart_metric(delay),
+        "count",
+        None,
+        Summary::of(reqs),
+    );
+    rep.row(
+        NAME,
+        &format!("  warm restart: open + point lookup, delay {delay} ms"),
+        "ms",
+        None,
+        Summary::of(ms),
+    );
     Ok(())
 }
 

@@ -73,6 +73,26 @@ pub fn evaluate(rep: &mut Report, f: &Facts) {
         t.1,
     );
 
+    // Issue 10: a cold point lookup in 2 requests (open + leaf), a warm restart in 1.
+    let look = [0, f.delay_ms].map(|d| lv_max(rep, cold::NAME, &cold::requests_metric(d)));
+    let restart = [0, f.delay_ms].map(|d| lv_max(rep, cold::NAME, &cold::warm_restart_metric(d)));
+    let t = match (look, restart) {
+        ([Some(a), Some(b)], [Some(c), Some(d)]) => (
+            Some(a.max(b) <= 2.0 && c.max(d) <= 1.0),
+            format!(
+                "cold point lookup: up to {:.0} requests (target 2); warm restart with the same lookup: up to {:.0} (target 1)",
+                a.max(b),
+                c.max(d)
+            ),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target(
+        "cold point lookup in 2 requests, warm restart in 1",
+        t.0,
+        t.1,
+    );
+
     // Issue 10: a cold walk of the whole database costs requests in proportion to its size
     // over the read-ahead window, not to its pages.
     let pages = f.big_bytes as f64 / 4096.0;

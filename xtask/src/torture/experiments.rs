@@ -123,7 +123,8 @@ fn crashed(t: &mut Tally, store: &mut Store) -> Result<(), Error> {
 }
 
 /// kill -9 of a writer at a random moment of its commit loop, over and over; each next writer
-/// continues on the same cache directory.
+/// continues on the same cache directory. Every other writer runs with `LITEVFS_TXN_MEMORY=0`,
+/// so the kill also lands in spilled transactions.
 pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, Error> {
     let mut t = Tally::default();
     let mut store = Store::start(ctx, "writer-kill", &[])?;
@@ -133,7 +134,14 @@ pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
     let mut last_ack = 0;
     while t.trials == 0 || Instant::now() < deadline {
         let first = last_ack;
-        let mut w = Worker::spawn(ctx, &url, &cache, &["writer", "wk", ROWS])?;
+        // Every other writer keeps nothing of its transactions in memory: its pages, journal
+        // and LTX live in spill files when it is killed.
+        let spill: &[(&str, &str)] = if t.trials % 2 == 1 {
+            &[("LITEVFS_TXN_MEMORY", "0")]
+        } else {
+            &[]
+        };
+        let mut w = Worker::spawn_with(ctx, &url, &cache, &["writer", "wk", ROWS], spill)?;
         if w.expect("ack ", LONG).is_none() {
             t.notes
                 .push(format!("a writer never committed: {:?}", w.seen.last()));

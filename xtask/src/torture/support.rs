@@ -204,6 +204,17 @@ pub struct Worker {
 
 impl Worker {
     pub fn spawn(ctx: &Ctx, host: &str, cache: &Path, args: &[&str]) -> Result<Worker, Error> {
+        Worker::spawn_with(ctx, host, cache, args, &[])
+    }
+
+    /// [`Worker::spawn`] with extra environment variables.
+    pub fn spawn_with(
+        ctx: &Ctx,
+        host: &str,
+        cache: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Worker, Error> {
         let mut all = vec![args[0], args[1], ctx.ext.to_str().expect("utf-8 path")];
         all.extend_from_slice(&args[2..]);
         let mut child = Command::new(&ctx.worker)
@@ -214,6 +225,7 @@ impl Worker {
             .env_remove("LITEFS_CLOUD_TOKEN")
             .env_remove("LITEFS_CLOUD_CLUSTER")
             .env("RUST_LOG", "off")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
