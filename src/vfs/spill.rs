@@ -136,6 +136,9 @@ impl SpillBuf {
     /// Reads up to `buf.len()` bytes at `offset`; fewer at the end.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let n = self.len().saturating_sub(offset).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
         match &self.data {
             Data::Mem(v) => buf[..n].copy_from_slice(&v[offset as usize..offset as usize + n]),
             Data::File { file, .. } => file
@@ -467,6 +470,9 @@ mod tests {
         assert!(out[600..900].iter().all(|x| *x == 0));
         assert_eq!(&out[900..], &[2; 600]);
         assert_eq!(b.read_at(1400, &mut out).unwrap(), 100);
+        assert_eq!(b.read_at(5000, &mut out).unwrap(), 0, "past the end");
+        let small = SpillBuf::new(cfg(d.path(), 1000));
+        assert_eq!(small.read_at(10, &mut out).unwrap(), 0, "past the end, in memory");
         b.set_len(10).unwrap();
         assert_eq!(b.len(), 10);
         // Nothing is left in the directory: the file is anonymous.
