@@ -472,7 +472,11 @@ mod tests {
         assert_eq!(b.read_at(1400, &mut out).unwrap(), 100);
         assert_eq!(b.read_at(5000, &mut out).unwrap(), 0, "past the end");
         let small = SpillBuf::new(cfg(d.path(), 1000));
-        assert_eq!(small.read_at(10, &mut out).unwrap(), 0, "past the end, in memory");
+        assert_eq!(
+            small.read_at(10, &mut out).unwrap(),
+            0,
+            "past the end, in memory"
+        );
         b.set_len(10).unwrap();
         assert_eq!(b.len(), 10);
         // Nothing is left in the directory: the file is anonymous.
