@@ -5,8 +5,10 @@
 mod server_support;
 
 use litevfs::ltx::{self, EMPTY_CHECKSUM, FLAG_LZ4};
-use litevfs::wire::{ErrorBody, MEDIA_PAGE_FRAMES, PagesResponse, Pos, decode_page_frames};
-use server_support::{Model, Server, page, vector};
+use litevfs::wire::{
+    ErrorBody, MEDIA_PAGE_FRAMES, PagesResponse, Pos, TxidResponse, decode_page_frames,
+};
+use server_support::{Model, Server, fake_sqlite, page, vector};
 
 fn hdr(commit: u32, min: u64, max: u64, pre: u64) -> ltx::Header {
     ltx::Header {
@@ -494,6 +496,7 @@ fn every_error_is_json() {
     assert!(!api.get("/nope", &[]).text().contains("null"));
 }
 
+/// `--max-body-size` bounds transactions; a whole-database upload is never subject to it.
 fn oversized_bodies_get_413() {
     let s = Server::start(&["--max-body-size", "64KiB"]);
     let api = s.api();
@@ -501,12 +504,19 @@ fn oversized_bodies_get_413() {
     let pages: Vec<(u32, Vec<u8>)> = (1..=20).map(|p| (p, page(4096, p as u8))).collect();
     let (big, _) = m.tx(20, &pages);
     assert!(big.len() > 64 << 10);
-    api.tx("big", big).err(413, "ETOOLARGE");
-    api.post("/db/upload", &[("db", "big")], vec![0; 100 << 10])
-        .err(413, "ETOOLARGE");
+    let e = api.tx("big", big).err(413, "ETOOLARGE");
+    assert!(e.error.contains("65536 bytes"), "{}", e.error);
     assert_eq!(api.pos("big"), None);
     m.commit(&api, "big", 10, &pages[..10]);
     assert_eq!(api.pos("big"), Some(m.pos));
+    let image = fake_sqlite(40);
+    let r: TxidResponse = api
+        .post("/db/upload", &[("db", "up")], image.clone())
+        .ok()
+        .json();
+    assert_eq!(r.txid.0, 1);
+    let back = api.get("/db/snapshot", &[("db", "up"), ("format", "sqlite")]);
+    assert_eq!(back.ok().body, image);
 }
 
 fn info_healthz_metrics() {
@@ -791,10 +801,11 @@ fn configuration_from_the_environment() {
     s.api_with("t-ro").get("/pos", &[]).ok();
     let (a, _, _) = vectors_abc();
     s.api_with("t-ro").tx("a", a.clone()).err(403, "EFORBIDDEN");
-    s.api_with("t-rw").tx("a", a).ok();
-    let big = vec![0u8; 2048];
+    s.api_with("t-rw").tx("a", a.clone()).ok();
+    let mut big = a;
+    big.resize(2048, 0);
     s.api_with("t-rw")
-        .post("/db/upload", &[("db", "b")], big)
+        .post("/db/tx", &[("db", "b")], big)
         .err(413, "ETOOLARGE");
 }
 
