@@ -561,6 +561,48 @@ fn info_healthz_metrics() {
     }
 }
 
+/// Waits (bounded) until `/metrics` does, or with `present` false no longer does, contain
+/// `line`; returns the text.
+fn wait_for_metric(api: &server_support::Api, line: &str, present: bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = api.get("/metrics", &[]).ok().text();
+        if text.lines().any(|l| l == line) == present {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/metrics never {} {line:?}:\n{text}",
+            if present { "showed" } else { "dropped" }
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `GET /metrics` reports the bytes each database stores, its live pages and the history
+/// retention keeps, as of the last compaction pass; a deleted database drops out.
+fn metrics_report_bytes_per_database() {
+    let s = Server::start(&["--compaction-interval", "50ms"]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(&api, "m", 2, &[(1, page(512, 1)), (2, page(512, 2))]);
+    m.commit(&api, "m", 2, &[(1, page(512, 3))]);
+    api.post("/db/upload", &[("db", "u")], fake_sqlite(10)).ok();
+    // Page 1 twice (its first version is retained history) and page 2: three of 512 bytes.
+    let m_line = "litevfs_database_bytes{cluster=\"default\",db=\"m\"} 1536";
+    let u_line = "litevfs_database_bytes{cluster=\"default\",db=\"u\"} 40960";
+    wait_for_metric(&api, m_line, true);
+    let text = wait_for_metric(&api, u_line, true);
+    assert!(
+        text.contains("# TYPE litevfs_database_bytes gauge"),
+        "{text}"
+    );
+    api.delete("/db", &[("db", "u")]).ok();
+    let text = wait_for_metric(&api, u_line, false);
+    assert!(!text.contains("db=\"u\""), "{text}");
+    assert!(text.lines().any(|l| l == m_line), "{text}");
+}
+
 /// Request methods are client-chosen (`FOO1`, `FOO2`, ...): counting each under its own label
 /// would let anyone, without a token, grow the metrics table and `/metrics` without bound.
 fn metrics_labels_stay_bounded_whatever_the_method() {
@@ -825,6 +867,7 @@ on_every_backend!(
     every_error_is_json,
     oversized_bodies_get_413,
     info_healthz_metrics,
+    metrics_report_bytes_per_database,
     metrics_labels_stay_bounded_whatever_the_method,
     info_writes_nothing_and_ids_are_stable,
     refused_uploads_get_their_error_not_a_reset,

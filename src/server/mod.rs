@@ -235,6 +235,13 @@ async fn compaction_loop(app: Arc<App>) {
                 app.metrics
                     .page_versions
                     .store(stats.page_versions, std::sync::atomic::Ordering::Relaxed);
+                app.metrics.set_database_bytes(
+                    stats
+                        .databases
+                        .iter()
+                        .map(|d| (d.key.cluster.clone(), d.key.name.clone(), d.bytes))
+                        .collect(),
+                );
                 if stats.pages_deleted > 0 || stats.txns_deleted > 0 {
                     tracing::debug!(?stats, "compacted");
                 }
