@@ -1,9 +1,11 @@
-//! `cargo xtask test`: every test the project has, in one command.
+//! `cargo xtask test [--large] [-- PYTEST ARGS]`: every test the project has, in one command.
 //!
 //! Order: system set-up, release build (the tests use release artifacts so that dependencies
 //! compile once), the Rust tests of the workspace (unit tests, the page-store conformance and
 //! crash suites, the admin CLI), then the Python end-to-end suite (tests/e2e, examples included) that load `liblitevfs.so`
-//! into real hosts (the Debian sqlite3 shell, apsw from PyPI) and run the examples.
+//! into real hosts (the Debian sqlite3 shell, apsw from PyPI) and run the examples. With
+//! `--large`, then the large tests: imports and exports of at least 3 GiB with their peak memory
+//! measured (tests/large_transfers.rs; minutes, and about 25 GiB free under TMPDIR).
 
 use std::process::Command;
 
@@ -11,7 +13,19 @@ use crate::proc::{Error, run_checked};
 use crate::setup;
 
 pub fn run(args: &[String]) -> Result<(), Error> {
+    let ours: Vec<&String> = args.iter().take_while(|a| *a != "--").collect();
     let pytest_args: Vec<&String> = args.iter().skip_while(|a| *a != "--").skip(1).collect();
+    let mut large = false;
+    for a in ours {
+        match a.as_str() {
+            "--large" => large = true,
+            other => {
+                return Err(Error(format!(
+                    "unknown option {other:?}; usage: cargo xtask test [--large] [-- PYTEST ARGS]"
+                )));
+            }
+        }
+    }
     setup::ensure_system(true)?;
     let art = setup::build_release()?;
     let root = setup::root();
@@ -41,5 +55,24 @@ pub fn run(args: &[String]) -> Result<(), Error> {
             ),
         "pytest tests/e2e",
     )?;
+
+    if large {
+        // One at a time: each moves gigabytes through the disk.
+        println!("==> large tests: cargo test --release --test large_transfers -- --ignored");
+        run_checked(
+            Command::new(&cargo).current_dir(&root).args([
+                "test",
+                "--release",
+                "--test",
+                "large_transfers",
+                "--",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ]),
+            "large tests",
+        )?;
+    }
     Ok(())
 }
