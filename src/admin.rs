@@ -4,15 +4,30 @@
 //! Owns the command-line surface of those subcommands and turns every API error into one line
 //! that names the code, the message and the host. It keeps no state and never touches a data
 //! directory directly: a running `litevfs serve` is the only writer of its store.
+//!
+//! Whole databases stream in both directions, so memory stays small whatever their size: an
+//! upload is read from the file in small chunks by a thread while the connection sends them,
+//! and the reply is read while the body is still being sent, so a server that refuses an upload
+//! early (a wrong token, say) is heard, with its code and message, instead of the broken
+//! connection that follows; a download goes to a temporary file chunk by chunk and is verified
+//! there before it replaces anything. Transfers show a progress line on a terminal
+//! ([`progress`]).
+
+mod progress;
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 
+use self::progress::Progress;
 use crate::wire::{self, ErrorBody, Pos, TxidResponse};
 
 /// Where the page store is and who we are to it; shared by every admin subcommand.
@@ -65,6 +80,9 @@ pub enum AdminCommand {
         name: String,
         /// Path of the SQLite file to upload.
         file: PathBuf,
+        /// No progress line (it is shown only when stderr is a terminal anyway).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -78,6 +96,9 @@ pub enum AdminCommand {
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
+        /// No progress line (it is shown only when stderr is a terminal anyway).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -85,6 +106,9 @@ pub enum AdminCommand {
     Copy {
         src: String,
         dst: String,
+        /// No progress line (it is shown only when stderr is a terminal anyway).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -126,21 +150,25 @@ impl AdminCommand {
     }
 }
 
-/// A blocking client of the admin endpoints.
+/// A client of the admin endpoints: an async HTTP client driven by a runtime of its own on the
+/// calling thread (each call blocks until its reply).
 struct Admin {
-    http: reqwest::blocking::Client,
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
     remote: Remote,
 }
 
 impl Admin {
     fn new(remote: Remote) -> anyhow::Result<Admin> {
-        let http = reqwest::blocking::Client::builder()
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // Whole-database transfers can take long; the connect timeout bounds a dead host.
-            .timeout(None)
             .user_agent(concat!("litevfs-admin/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Admin { http, remote })
+        Ok(Admin { rt, http, remote })
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<reqwest::Url> {
@@ -159,22 +187,28 @@ impl Admin {
         Ok(url)
     }
 
-    fn send(
-        &self,
-        req: reqwest::blocking::RequestBuilder,
-    ) -> anyhow::Result<reqwest::blocking::Response> {
+    fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let req = match &self.remote.token {
             Some(t) => req.header(reqwest::header::AUTHORIZATION, t),
             None => req,
         };
-        let resp = req
-            .send()
+        let resp = self
+            .rt
+            .block_on(req.send())
             .with_context(|| format!("cannot reach the page store at {}", self.remote.host))?;
+        self.check(resp)
+    }
+
+    /// The reply if it is a success; otherwise an error naming the server's code and message.
+    fn check(&self, resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
-        let text = resp.text().unwrap_or_default();
+        let text = match self.rt.block_on(resp.text()) {
+            Ok(t) => t,
+            Err(e) => format!("(its reply could not be read: {e})"),
+        };
         match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => {
                 let hint = if status == 401 {
@@ -196,6 +230,17 @@ impl Admin {
             Err(_) => bail!("HTTP {status} from {}: {}", self.remote.host, text.trim()),
         }
     }
+
+    /// The JSON reply of a successful request.
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        self.rt
+            .block_on(resp.json())
+            .with_context(|| format!("page store sent a malformed {what} reply"))
+    }
 }
 
 fn checked_name(name: &str) -> anyhow::Result<&str> {
@@ -209,8 +254,10 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     match cmd {
         AdminCommand::List { .. } => list(&admin, &mut out),
-        AdminCommand::Import { name, file, .. } => {
-            let txid = import(&admin, checked_name(&name)?, &file)?;
+        AdminCommand::Import {
+            name, file, quiet, ..
+        } => {
+            let txid = import(&admin, checked_name(&name)?, &file, quiet)?;
             writeln!(out, "imported {} as {name} at txid {txid}", file.display())?;
             Ok(())
         }
@@ -219,9 +266,10 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
             file,
             format,
             force,
+            quiet,
             ..
         } => {
-            let n = export(&admin, checked_name(&name)?, &file, format, force)?;
+            let n = export(&admin, checked_name(&name)?, &file, format, force, quiet)?;
             writeln!(
                 out,
                 "exported {name} to {} ({n} bytes, {})",
@@ -230,8 +278,10 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        AdminCommand::Copy { src, dst, .. } => {
-            let txid = copy(&admin, checked_name(&src)?, checked_name(&dst)?)?;
+        AdminCommand::Copy {
+            src, dst, quiet, ..
+        } => {
+            let txid = copy(&admin, checked_name(&src)?, checked_name(&dst)?, quiet)?;
             writeln!(out, "copied {src} to {dst} at txid {txid}")?;
             Ok(())
         }
@@ -259,9 +309,7 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
 
 fn list(admin: &Admin, out: &mut impl Write) -> anyhow::Result<()> {
     let resp = admin.send(admin.http.get(admin.url("/pos", &[])?))?;
-    let map: std::collections::BTreeMap<String, Pos> = resp
-        .json()
-        .context("page store sent a malformed /pos reply")?;
+    let map: std::collections::BTreeMap<String, Pos> = admin.json(resp, "/pos")?;
     writeln!(out, "{:<40} {:>16} {:>16}", "NAME", "TXID", "CHECKSUM")?;
     for (name, pos) in map {
         writeln!(out, "{name:<40} {} {}", pos.txid, pos.checksum)?;
@@ -276,7 +324,7 @@ fn list(admin: &Admin, out: &mut impl Write) -> anyhow::Result<()> {
 /// - a WAL database is copied with SQLite's online backup API (in one step, so from one read
 ///   snapshot) into a temporary file, which is streamed: the committed frames of its `-wal` are
 ///   in the copy, which copying the main file alone would lose.
-fn import(admin: &Admin, name: &str, file: &Path) -> anyhow::Result<wire::Txid> {
+fn import(admin: &Admin, name: &str, file: &Path, quiet: bool) -> anyhow::Result<wire::Txid> {
     let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let mut head = [0u8; crate::dbfile::HEADER_SIZE];
     std::io::Read::read_exact(&mut &f, &mut head)
@@ -296,7 +344,9 @@ fn import(admin: &Admin, name: &str, file: &Path) -> anyhow::Result<wire::Txid> 
     let mode: String = src
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .map_err(sqlite_err)?;
+    let label = format!("import {name}");
     let (f, _copy) = if mode.eq_ignore_ascii_case("wal") {
+        Progress::new(&label, None, quiet).note("copying the WAL database to one snapshot");
         let copy = tempfile::Builder::new()
             .prefix("litevfs-import-")
             .tempfile()
@@ -315,18 +365,160 @@ fn import(admin: &Admin, name: &str, file: &Path) -> anyhow::Result<wire::Txid> 
         (File::open(file)?, None)
     };
     let len = f.metadata()?.len();
-    let body = reqwest::blocking::Body::sized(f, len);
-    let resp = admin.send(
-        admin
-            .http
-            .post(admin.url("/db/upload", &[("db", name)])?)
-            .body(body),
+    let progress = Arc::new(Mutex::new(Progress::new(label, Some(len), quiet)));
+    let resp = upload(
+        admin,
+        admin.url("/db/upload", &[("db", name)])?,
+        f,
+        len,
+        &progress,
     )?;
-    let r: TxidResponse = resp
-        .json()
-        .context("page store sent a malformed upload reply")?;
+    let r: TxidResponse = admin.json(resp, "upload")?;
     drop(src);
     Ok(r.txid)
+}
+
+/// Bytes per chunk an upload reads from its file.
+const UPLOAD_CHUNK: usize = 256 << 10;
+/// Chunks read ahead of the connection.
+const UPLOAD_AHEAD: usize = 4;
+
+/// POSTs `len` bytes of `f` to `url` and returns the successful reply. The reply is read while
+/// the body is still being sent: a server that refuses the upload before reading it all answers
+/// with its error, which is what this reports (and not the broken connection that follows).
+fn upload(
+    admin: &Admin,
+    url: reqwest::Url,
+    f: File,
+    len: u64,
+    progress: &Arc<Mutex<Progress>>,
+) -> anyhow::Result<reqwest::Response> {
+    let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_AHEAD);
+    // Not joined: it ends when the file is read or when the body (and its channel) is dropped,
+    // which for a refused upload may be only when the runtime is.
+    std::thread::spawn(move || read_chunks(f, len, tx));
+    let read_error = Arc::new(Mutex::new(None));
+    let body = FileBody {
+        rx,
+        left: len,
+        progress: progress.clone(),
+        read_error: read_error.clone(),
+    };
+    let mut req = admin
+        .http
+        .post(url)
+        .header(reqwest::header::CONTENT_LENGTH, len)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(reqwest::Body::wrap(body));
+    if let Some(t) = &admin.remote.token {
+        req = req.header(reqwest::header::AUTHORIZATION, t);
+    }
+    let sent = admin.rt.block_on(req.send());
+    let done = progress.lock().unwrap_or_else(|e| e.into_inner()).done();
+    match sent {
+        Ok(resp) => admin.check(resp),
+        Err(e) => {
+            if let Some(msg) = read_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                bail!(
+                    "cannot read the database file while uploading it: {msg}; nothing was imported"
+                );
+            }
+            let host = &admin.remote.host;
+            if e.is_connect() {
+                return Err(e).context(format!("cannot reach the page store at {host}"));
+            }
+            Err(e).context(if done < len {
+                format!(
+                    "the connection to the page store at {host} broke after {done} of {len} \
+                     bytes, without a reply; nothing was imported"
+                )
+            } else {
+                format!(
+                    "the page store at {host} did not reply to the upload of all {len} bytes; \
+                     it may or may not have imported it (`litevfs list` shows its position)"
+                )
+            })
+        }
+    }
+}
+
+/// Reads `len` bytes of `f` in chunks into `tx`, until done, a read error (sent as the last
+/// item) or the receiver is gone.
+fn read_chunks(mut f: File, len: u64, tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>) {
+    let mut left = len;
+    while left > 0 {
+        let n = UPLOAD_CHUNK.min(left as usize);
+        let mut buf = vec![0u8; n];
+        let item = match f.read_exact(&mut buf) {
+            Ok(()) => Ok(Bytes::from(buf)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(io::Error::new(
+                e.kind(),
+                "the file shrank while being uploaded",
+            )),
+            Err(e) => Err(e),
+        };
+        let failed = item.is_err();
+        if tx.blocking_send(item).is_err() || failed {
+            return;
+        }
+        left -= n as u64;
+    }
+}
+
+/// A request body fed by [`read_chunks`]; counts what the connection takes.
+struct FileBody {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    left: u64,
+    progress: Arc<Mutex<Progress>>,
+    /// The file's read error, if reading it failed (the upload then fails too).
+    read_error: Arc<Mutex<Option<String>>>,
+}
+
+impl hyper::body::Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, io::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.left -= chunk.len() as u64;
+                self.progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add(chunk.len() as u64);
+                if self.left == 0 {
+                    self.progress
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .finish(Some("sent; the store is committing it"));
+                }
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *self.read_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file reader stopped early",
+            )))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
 }
 
 fn export(
@@ -335,19 +527,22 @@ fn export(
     file: &Path,
     format: Format,
     force: bool,
+    quiet: bool,
 ) -> anyhow::Result<u64> {
     if file.exists() && !force {
         bail!("{} exists; pass --force to replace it", file.display());
     }
     let url = admin.url("/db/snapshot", &[("db", name), ("format", format.as_str())])?;
-    let mut resp = admin.send(admin.http.get(url))?;
+    let resp = admin.send(admin.http.get(url))?;
     let dir = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    let n = resp.copy_to(&mut tmp).context("download interrupted")?;
+    let mut progress = Progress::new(format!("export {name}"), resp.content_length(), quiet);
+    let n = download(admin, resp, tmp.as_file(), &mut progress)?;
+    progress.finish(Some("verifying"));
     verify_export(tmp.path(), format)?;
     tmp.as_file().sync_all()?;
     tmp.persist(file)
@@ -355,8 +550,40 @@ fn export(
     Ok(n)
 }
 
+/// Writes the body of `resp` to `out` as it arrives; returns its length.
+fn download(
+    admin: &Admin,
+    mut resp: reqwest::Response,
+    out: &File,
+    progress: &mut Progress,
+) -> anyhow::Result<u64> {
+    let expected = resp.content_length();
+    let mut out = io::BufWriter::with_capacity(1 << 20, out);
+    loop {
+        let chunk = admin.rt.block_on(resp.chunk()).with_context(|| {
+            let of = expected.map(|n| format!(" of {n}")).unwrap_or_default();
+            format!(
+                "download interrupted after {}{of} bytes (nothing was written)",
+                progress.done()
+            )
+        })?;
+        let Some(chunk) = chunk else { break };
+        out.write_all(&chunk)
+            .context("cannot write the downloaded database")?;
+        progress.add(chunk.len() as u64);
+    }
+    out.flush()
+        .context("cannot write the downloaded database")?;
+    let n = progress.done();
+    if let Some(want) = expected.filter(|&w| w != n) {
+        bail!("download interrupted after {n} of {want} bytes (nothing was written)");
+    }
+    Ok(n)
+}
+
 /// Checks a downloaded snapshot before it replaces anything: LTX files are fully decoded (which
-/// verifies every checksum), SQLite files must have a valid header of the right size.
+/// verifies every checksum), SQLite files must have a valid header and a whole number of pages.
+/// Either way the file is read as a stream, never held in memory.
 fn verify_export(path: &Path, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Ltx => {
@@ -365,13 +592,17 @@ fn verify_export(path: &Path, format: Format) -> anyhow::Result<()> {
                 .context("downloaded LTX snapshot does not verify")?;
         }
         Format::Sqlite => {
-            let bytes = std::fs::read(path)?;
-            if bytes.is_empty() {
+            let mut f = File::open(path)?;
+            let len = f.metadata()?.len();
+            if len == 0 {
                 return Ok(());
             }
-            let h = crate::dbfile::DbHeader::parse(&bytes)
+            let mut head = [0u8; crate::dbfile::HEADER_SIZE];
+            f.read_exact(&mut head)
+                .context("downloaded file is not a SQLite database (too short)")?;
+            let h = crate::dbfile::DbHeader::parse(&head)
                 .context("downloaded file is not a SQLite database")?;
-            if bytes.len() as u64 % h.page_size as u64 != 0 {
+            if len % h.page_size as u64 != 0 {
                 bail!("downloaded database is not a whole number of pages");
             }
         }
@@ -379,11 +610,11 @@ fn verify_export(path: &Path, format: Format) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn copy(admin: &Admin, src: &str, dst: &str) -> anyhow::Result<wire::Txid> {
+fn copy(admin: &Admin, src: &str, dst: &str, quiet: bool) -> anyhow::Result<wire::Txid> {
     let dir = tempfile::tempdir()?;
     let tmp = dir.path().join("copy.db");
-    export(admin, src, &tmp, Format::Sqlite, true)?;
-    import(admin, dst, &tmp)
+    export(admin, src, &tmp, Format::Sqlite, true, quiet)?;
+    import(admin, dst, &tmp, quiet)
 }
 
 fn restore(
@@ -404,8 +635,6 @@ fn restore(
         q.push(("timestamp", ts));
     }
     let resp = admin.send(admin.http.post(admin.url("/db/restore", &q)?))?;
-    let r: TxidResponse = resp
-        .json()
-        .context("page store sent a malformed restore reply")?;
+    let r: TxidResponse = admin.json(resp, "restore")?;
     Ok(r.txid)
 }

@@ -273,3 +273,293 @@ fn import_of_a_database_being_written_is_one_snapshot() {
     stop.store(true, Ordering::SeqCst);
     assert!(writer.join().unwrap() > 0, "the writer committed meanwhile");
 }
+
+/// A SQLite database of about `bytes` bytes (random 4000-byte rows, so nothing compresses).
+fn make_sized_db(path: &Path, bytes: u64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(&format!(
+        "PRAGMA journal_mode = DELETE; PRAGMA synchronous = OFF;
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < {})
+         INSERT INTO t SELECT i, randomblob(4000) FROM n;",
+        bytes / 4096
+    ))
+    .unwrap();
+}
+
+/// Runs the CLI as `token` (none if empty) against `host`.
+fn as_user(host: &str, token: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_litevfs"));
+    cmd.args(args)
+        .env("LITEFS_CLOUD_HOST", host)
+        .env_remove("LITEFS_CLOUD_CLUSTER")
+        .env_remove("RUST_BACKTRACE");
+    match token {
+        "" => cmd.env_remove("LITEFS_CLOUD_TOKEN"),
+        t => cmd.env("LITEFS_CLOUD_TOKEN", t),
+    };
+    cmd.output().expect("run litevfs")
+}
+
+fn same_files(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            return fb.read(&mut bb).unwrap() == 0;
+        }
+        if fb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// Free bytes on the file system of `dir`.
+fn free_space(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a zeroed, properly sized struct for statvfs to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// `--max-body-size` bounds transactions, not imports: a database many times larger imports
+/// and exports byte for byte.
+#[test]
+fn an_import_is_not_subject_to_the_body_size_limit() {
+    let server = Server::start(&["--max-body-size", "1MiB"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out) = (dir.path().join("src.db"), dir.path().join("out.db"));
+    make_sized_db(&src, 24 << 20);
+    ok(&server, &["import", "app", src.to_str().unwrap()]);
+    ok(&server, &["export", "app", out.to_str().unwrap()]);
+    assert!(same_files(&src, &out));
+}
+
+/// Every refusal of an import names the server's code and message, including those that come
+/// while the database is still being sent: the server reads (and discards) at most 64 MiB of a
+/// refused body, so with a larger database the connection breaks under the client, which must
+/// still report the reply and not the broken connection ("receiver is gone").
+#[test]
+fn every_refusal_of_an_import_prints_the_servers_code_and_message() {
+    let server = Server::start(&[
+        "--token",
+        "s3cret=default:rw",
+        "--token",
+        "viewer=default:ro",
+        "--token",
+        "admin=*:rw",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.db");
+    make_sized_db(&big, 96 << 20);
+    let file = big.to_str().unwrap();
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("wrong", &[], "EINVALIDAUTH: invalid token"),
+        ("viewer", &[], "EFORBIDDEN: read-only token"),
+        (
+            "admin",
+            &["--cluster", "no/slash"],
+            "EBADCLUSTER: invalid cluster",
+        ),
+    ];
+    for (token, extra, want) in cases {
+        let mut args = vec!["import", "app", file];
+        args.extend_from_slice(extra);
+        let out = as_user(&server.base, token, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{token}: {err}");
+        assert!(
+            err.contains(want) && err.contains(&server.base),
+            "{token}: {err}"
+        );
+    }
+
+    // A database larger than the server's free disk space (a sparse file: it takes no room
+    // here) is refused with the server's 413.
+    let huge = dir.path().join("huge.db");
+    make_db(&huge, 10);
+    let size = (free_space(dir.path()) * 2 + (1 << 30)) / 4096 * 4096;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&huge)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let out = as_user(
+        &server.base,
+        "s3cret",
+        &["import", "huge", huge.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("ETOOLARGE: the server has no room for a body of"),
+        "{err}"
+    );
+
+    let list = String::from_utf8(as_user(&server.base, "s3cret", &["list"]).stdout).unwrap();
+    assert_eq!(list.lines().count(), 1, "nothing was imported: {list}");
+    assert!(
+        as_user(&server.base, "s3cret", &["import", "app", file])
+            .status
+            .success()
+    );
+}
+
+/// A store that cannot be reached, and one whose connection breaks mid-upload without a
+/// reply: both say so, with the host, and that nothing was imported.
+#[test]
+fn an_unreachable_or_vanishing_store_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db");
+    make_sized_db(&db, 8 << 20);
+    let file = db.to_str().unwrap();
+
+    let out = as_user("http://127.0.0.1:9", "", &["import", "app", file]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot reach the page store at http://127.0.0.1:9"),
+        "{err}"
+    );
+
+    // A "store" that reads 1 MiB of the request and hangs up.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = format!("http://{}", listener.local_addr().unwrap());
+    let cut = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut sock, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < 1 << 20 {
+            match sock.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    });
+    let out = as_user(&host, "", &["import", "app", file]);
+    cut.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "the connection to the page store at {host} broke after"
+        )) && err.contains("nothing was imported"),
+        "{err}"
+    );
+}
+
+/// Runs `cmd` with its stderr on a new pseudo-terminal; returns its exit status, its stdout
+/// and what it wrote to the terminal.
+fn on_terminal(mut cmd: Command) -> (std::process::ExitStatus, String, String) {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes the two descriptors it opens; the optional arguments are null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            OwnedFd::from_raw_fd(slave),
+        )
+    };
+    cmd.stderr(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("run litevfs");
+    // The terminal reads end (EIO) once no process holds its other side: drop ours.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut out = Vec::new();
+        let _ = master.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let out = child.wait_with_output().unwrap();
+    let term = reader.join().unwrap();
+    (out.status, String::from_utf8(out.stdout).unwrap(), term)
+}
+
+/// The progress line appears on a terminal, never with --quiet, never on a pipe; the result
+/// line goes to stdout either way.
+#[test]
+fn progress_only_on_a_terminal_and_never_with_quiet() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db");
+    make_sized_db(&db, 4 << 20);
+    let out = dir.path().join("out.db");
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_litevfs"));
+        c.args(args)
+            .env("LITEFS_CLOUD_HOST", &server.base)
+            .env_remove("LITEFS_CLOUD_TOKEN")
+            .env_remove("LITEFS_CLOUD_CLUSTER");
+        c
+    };
+    let (db_s, out_s) = (db.to_str().unwrap(), out.to_str().unwrap());
+
+    let (st, stdout, term) = on_terminal(cmd(&["import", "app", db_s]));
+    assert!(
+        st.success() && stdout.starts_with("imported "),
+        "{stdout}{term}"
+    );
+    assert!(
+        term.contains("import app: 4.0") && term.contains("the store is committing it"),
+        "{term:?}"
+    );
+    let (st, stdout, term) = on_terminal(cmd(&["export", "app", out_s, "--force"]));
+    assert!(
+        st.success() && stdout.starts_with("exported "),
+        "{stdout}{term}"
+    );
+    assert!(term.contains("export app: 4.0"), "{term:?}");
+    let (st, stdout, term) = on_terminal(cmd(&["copy", "app", "app2"]));
+    assert!(
+        st.success() && stdout.starts_with("copied "),
+        "{stdout}{term}"
+    );
+    assert!(
+        term.contains("export app: ") && term.contains("import app2: "),
+        "{term:?}"
+    );
+
+    for args in [
+        &["import", "app", db_s, "--quiet"][..],
+        &["export", "app", out_s, "--force", "-q"],
+        &["copy", "app", "app3", "--quiet"],
+    ] {
+        let (st, stdout, term) = on_terminal(cmd(args));
+        assert!(
+            st.success() && !stdout.is_empty(),
+            "{args:?}: {stdout}{term}"
+        );
+        assert_eq!(term, "", "{args:?}");
+    }
+    for args in [
+        &["import", "app", db_s][..],
+        &["export", "app", out_s, "--force"],
+        &["copy", "app", "app4"],
+    ] {
+        let out = cmd(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(out.stderr.is_empty(), "{args:?}: {:?}", out.stderr);
+    }
+}

@@ -5,8 +5,10 @@
 mod server_support;
 
 use litevfs::ltx::{self, EMPTY_CHECKSUM, FLAG_LZ4};
-use litevfs::wire::{ErrorBody, MEDIA_PAGE_FRAMES, PagesResponse, Pos, decode_page_frames};
-use server_support::{Model, Server, page, vector};
+use litevfs::wire::{
+    ErrorBody, MEDIA_PAGE_FRAMES, PagesResponse, Pos, TxidResponse, decode_page_frames,
+};
+use server_support::{Model, Server, fake_sqlite, page, vector};
 
 fn hdr(commit: u32, min: u64, max: u64, pre: u64) -> ltx::Header {
     ltx::Header {
@@ -497,6 +499,7 @@ fn every_error_is_json() {
     assert!(!api.get("/nope", &[]).text().contains("null"));
 }
 
+/// `--max-body-size` bounds transactions; a whole-database upload is never subject to it.
 fn oversized_bodies_get_413() {
     let s = Server::start(&["--max-body-size", "64KiB"]);
     let api = s.api();
@@ -504,12 +507,19 @@ fn oversized_bodies_get_413() {
     let pages: Vec<(u32, Vec<u8>)> = (1..=20).map(|p| (p, page(4096, p as u8))).collect();
     let (big, _) = m.tx(20, &pages);
     assert!(big.len() > 64 << 10);
-    api.tx("big", big).err(413, "ETOOLARGE");
-    api.post("/db/upload", &[("db", "big")], vec![0; 100 << 10])
-        .err(413, "ETOOLARGE");
+    let e = api.tx("big", big).err(413, "ETOOLARGE");
+    assert!(e.error.contains("65536 bytes"), "{}", e.error);
     assert_eq!(api.pos("big"), None);
     m.commit(&api, "big", 10, &pages[..10]);
     assert_eq!(api.pos("big"), Some(m.pos));
+    let image = fake_sqlite(40);
+    let r: TxidResponse = api
+        .post("/db/upload", &[("db", "up")], image.clone())
+        .ok()
+        .json();
+    assert_eq!(r.txid.0, 1);
+    let back = api.get("/db/snapshot", &[("db", "up"), ("format", "sqlite")]);
+    assert_eq!(back.ok().body, image);
 }
 
 fn info_healthz_metrics() {
@@ -552,6 +562,48 @@ fn info_healthz_metrics() {
     ] {
         assert!(text.contains(want), "missing {want} in\n{text}");
     }
+}
+
+/// Waits (bounded) until `/metrics` does, or with `present` false no longer does, contain
+/// `line`; returns the text.
+fn wait_for_metric(api: &server_support::Api, line: &str, present: bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = api.get("/metrics", &[]).ok().text();
+        if text.lines().any(|l| l == line) == present {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/metrics never {} {line:?}:\n{text}",
+            if present { "showed" } else { "dropped" }
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `GET /metrics` reports the bytes each database stores, its live pages and the history
+/// retention keeps, as of the last compaction pass; a deleted database drops out.
+fn metrics_report_bytes_per_database() {
+    let s = Server::start(&["--compaction-interval", "50ms"]);
+    let api = s.api();
+    let mut m = Model::new(512);
+    m.commit(&api, "m", 2, &[(1, page(512, 1)), (2, page(512, 2))]);
+    m.commit(&api, "m", 2, &[(1, page(512, 3))]);
+    api.post("/db/upload", &[("db", "u")], fake_sqlite(10)).ok();
+    // Page 1 twice (its first version is retained history) and page 2: three of 512 bytes.
+    let m_line = "litevfs_database_bytes{cluster=\"default\",db=\"m\"} 1536";
+    let u_line = "litevfs_database_bytes{cluster=\"default\",db=\"u\"} 40960";
+    wait_for_metric(&api, m_line, true);
+    let text = wait_for_metric(&api, u_line, true);
+    assert!(
+        text.contains("# TYPE litevfs_database_bytes gauge"),
+        "{text}"
+    );
+    api.delete("/db", &[("db", "u")]).ok();
+    let text = wait_for_metric(&api, u_line, false);
+    assert!(!text.contains("db=\"u\""), "{text}");
+    assert!(text.lines().any(|l| l == m_line), "{text}");
 }
 
 /// Request methods are client-chosen (`FOO1`, `FOO2`, ...): counting each under its own label
@@ -794,10 +846,11 @@ fn configuration_from_the_environment() {
     s.api_with("t-ro").get("/pos", &[]).ok();
     let (a, _, _) = vectors_abc();
     s.api_with("t-ro").tx("a", a.clone()).err(403, "EFORBIDDEN");
-    s.api_with("t-rw").tx("a", a).ok();
-    let big = vec![0u8; 2048];
+    s.api_with("t-rw").tx("a", a.clone()).ok();
+    let mut big = a;
+    big.resize(2048, 0);
     s.api_with("t-rw")
-        .post("/db/upload", &[("db", "b")], big)
+        .post("/db/tx", &[("db", "b")], big)
         .err(413, "ETOOLARGE");
 }
 
@@ -874,6 +927,7 @@ on_every_backend!(
     every_error_is_json,
     oversized_bodies_get_413,
     info_healthz_metrics,
+    metrics_report_bytes_per_database,
     metrics_labels_stay_bounded_whatever_the_method,
     info_writes_nothing_and_ids_are_stable,
     refused_uploads_get_their_error_not_a_reset,

@@ -1,14 +1,16 @@
 //! Request bodies: reading them under the size limit, spooling large ones to disk.
 //!
-//! Invariant: no body larger than `--max-body-size` is ever accepted (413 `ETOOLARGE`), and no
-//! body larger than [`MEMORY_LIMIT`] is held in memory: it goes to an anonymous temporary file in
-//! `DATA_DIR/tmp` that disappears when dropped. Bodies are read completely before the store
+//! Invariant: no body larger than its limit is ever accepted (413 `ETOOLARGE`): `--max-body-size`
+//! for transactions, the free space of `DATA_DIR/tmp` for whole-database uploads ([`Limit`]), and
+//! no body larger than [`MEMORY_LIMIT`] is held in memory: it goes to an anonymous temporary file
+//! in `DATA_DIR/tmp` that disappears when dropped. Bodies are read completely before the store
 //! sees them, so a slow client never holds the store's writer; a body that makes no progress
 //! for `--stall-timeout` is refused (400 `EBADINPUT`, once that timeout has passed, and the
 //! connection closed), so a stalled client holds nothing forever. A `Content-Length` over the
 //! limit with `Expect: 100-continue` is refused at once, before the client is asked to send.
-//! After any other error reply, the unread rest of a body is drained (bounded) so the client
-//! sees the error rather than a reset connection. (A request with both `Content-Length` and
+//! Any other error reply goes out at once, and the unread rest of the body is drained (bounded)
+//! after it, so the client sees the error rather than a reset connection: at once if it reads
+//! while it sends, once it has sent the body otherwise. (A request with both `Content-Length` and
 //! `Transfer-Encoding` never gets here with both: hyper reads it by `Transfer-Encoding` alone and
 //! closes the connection after the reply, as RFC 9112 section 6.3 requires, so nothing can be
 //! smuggled behind it.)
@@ -60,6 +62,16 @@ impl Spool {
     }
 }
 
+/// How large a spooled body may be.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// At most this many bytes (`--max-body-size`).
+    Bytes(u64),
+    /// As large as the file system of the spool directory has room for: a whole-database
+    /// upload, which no configured size refuses.
+    FreeSpace,
+}
+
 fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         ErrorCode::TooLarge,
@@ -67,20 +79,47 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
-/// Most bytes of an oversized body read and discarded before answering 413, so that ordinary
+fn no_room(len: u64, free: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "the server has no room for a body of {len} bytes: its data directory has {free} \
+             bytes free"
+        ),
+    )
+}
+
+/// A failed write to the spool: a full disk is the client's 413, anything else the server's.
+fn spool_write_error(e: std::io::Error) -> ApiError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        ApiError::new(
+            ErrorCode::TooLarge,
+            "the server ran out of disk space while receiving the body",
+        )
+    } else {
+        ApiError::internal(format!("spooling the request body: {e}"))
+    }
+}
+
+/// Bytes available to an unprivileged writer on the file system of `dir`.
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `path` is a NUL-terminated string and `st` a properly sized, writable struct for
+    // the duration of the call; statvfs writes nothing else.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Most bytes of a refused body read and discarded after the error reply, so that ordinary
 /// clients (which send the whole body before reading the reply) see the error instead of a
 /// reset connection. Past this the connection is simply closed.
 const DRAIN_LIMIT: u64 = 64 << 20;
-
-/// Discards the rest of `stream` (bounded by [`DRAIN_LIMIT`] and by `stall` without progress)
-/// and returns the 413 error.
-async fn reject<S>(stream: S, limit: u64, stall: Duration) -> ApiError
-where
-    S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
-{
-    drain(stream, stall).await;
-    too_large(limit)
-}
 
 /// Reads and discards `stream`, at most [`DRAIN_LIMIT`] bytes, giving up after `stall` without
 /// progress.
@@ -122,10 +161,13 @@ impl hyper::body::Body for SharedBody {
     }
 }
 
-/// Middleware: after an error reply to a request with a body, reads what is left of the body
-/// (bounded like [`reject`]) before the reply goes out. A server that answers early and closes
-/// a connection with unread data makes the kernel reset it, and the client, still sending, then
-/// sees "connection reset" instead of the error (a 401 or 403 on an upload, say).
+/// Middleware: sends an error reply to a request with a body at once, and then reads what is
+/// left of the body (bounded by [`DRAIN_LIMIT`] and the stall timeout) before the connection
+/// may close. A server that answers early and closes a connection with unread data makes the
+/// kernel reset it, and a client still sending then sees "connection reset" instead of the
+/// error (a 401 or 403 on an upload, say). A client that reads while it sends has the reply
+/// long before the drain ends, whatever the size of its body; one that reads only after
+/// sending gets it for bodies up to the limit.
 pub async fn drain_after_error(
     axum::extract::State(app): axum::extract::State<Arc<crate::server::App>>,
     req: axum::extract::Request,
@@ -144,7 +186,8 @@ pub async fn drain_after_error(
     if failed && resp.extensions().get::<CloseAfterReply>().is_none() {
         let rest = shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rest) = rest {
-            drain(rest.into_data_stream(), app.config.stall_timeout).await;
+            // The connection keeps reading the body for as long as this holds it.
+            tokio::spawn(drain(rest.into_data_stream(), app.config.stall_timeout));
         }
     }
     resp
@@ -171,20 +214,15 @@ where
     }
 }
 
-/// 413 for a declared length over `limit`: at once when the client waits for `100 Continue`
-/// (it has sent nothing, so there is nothing to drain), else after draining what it sends.
-async fn refuse_declared<S>(headers: &HeaderMap, stream: S, limit: u64, stall: Duration) -> ApiError
-where
-    S: futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin,
-{
+/// `err` (a 413) for a declared length over the limit. A client waiting for `100 Continue` has
+/// sent nothing, so the connection closes after the reply; otherwise [`drain_after_error`]
+/// reads what it sends after the reply.
+fn refuse_declared(headers: &HeaderMap, err: ApiError) -> ApiError {
     let expects = headers
         .get(axum::http::header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-    if expects {
-        return too_large(limit).closing();
-    }
-    reject(stream, limit, stall).await
+    if expects { err.closing() } else { err }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -196,36 +234,51 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Reads `body` (at most `limit` bytes, none of them more than `stall` after the previous),
-/// spilling to a temporary file in `tmp_dir` past [`MEMORY_LIMIT`].
+/// Reads `body` (within `limit`, no byte more than `stall` after the previous), spilling to a
+/// temporary file in `tmp_dir` past [`MEMORY_LIMIT`].
 pub async fn spool(
     headers: &HeaderMap,
     body: Body,
-    limit: u64,
+    limit: Limit,
     stall: Duration,
     tmp_dir: &Path,
 ) -> ApiResult<Spool> {
     let mut stream = body.into_data_stream();
-    if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(refuse_declared(headers, stream, limit, stall).await);
-    }
+    let declared = content_length(headers);
+    let limit = match limit {
+        Limit::Bytes(limit) => {
+            if declared.is_some_and(|n| n > limit) {
+                return Err(refuse_declared(headers, too_large(limit)));
+            }
+            limit
+        }
+        Limit::FreeSpace => {
+            if let Some(n) = declared.filter(|&n| n > MEMORY_LIMIT as u64) {
+                let free = free_space(tmp_dir).map_err(ApiError::internal)?;
+                if n > free {
+                    return Err(refuse_declared(headers, no_room(n, free)));
+                }
+            }
+            u64::MAX
+        }
+    };
     let mut mem = Vec::new();
     let mut file: Option<(std::fs::File, u64)> = None;
     while let Some(chunk) = next_chunk(&mut stream, stall).await? {
         let total = file.as_ref().map_or(mem.len() as u64, |f| f.1) + chunk.len() as u64;
         if total > limit {
-            return Err(reject(stream, limit, stall).await);
+            return Err(too_large(limit));
         }
         if file.is_none() && total as usize > MEMORY_LIMIT {
             let mut f = tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?;
-            f.write_all(&mem).map_err(ApiError::internal)?;
+            f.write_all(&mem).map_err(spool_write_error)?;
             file = Some((f, mem.len() as u64));
             mem = Vec::new();
         }
         match file.as_mut() {
             Some((f, n)) => {
                 // Small synchronous writes into the page cache; the file is never fsynced.
-                tokio::task::block_in_place(|| f.write_all(&chunk)).map_err(ApiError::internal)?;
+                tokio::task::block_in_place(|| f.write_all(&chunk)).map_err(spool_write_error)?;
                 *n += chunk.len() as u64;
             }
             None => mem.extend_from_slice(&chunk),
@@ -246,12 +299,12 @@ pub async fn read_small(
 ) -> ApiResult<Vec<u8>> {
     let mut stream = body.into_data_stream();
     if content_length(headers).is_some_and(|n| n > limit) {
-        return Err(refuse_declared(headers, stream, limit, stall).await);
+        return Err(refuse_declared(headers, too_large(limit)));
     }
     let mut out = Vec::new();
     while let Some(chunk) = next_chunk(&mut stream, stall).await? {
         if (out.len() + chunk.len()) as u64 > limit {
-            return Err(reject(stream, limit, stall).await);
+            return Err(too_large(limit));
         }
         out.extend_from_slice(&chunk);
     }

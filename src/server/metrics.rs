@@ -28,6 +28,8 @@ pub struct Metrics {
     pub bucket_segments: AtomicU64,
     pub bucket_images: AtomicU64,
     pub bucket_deleted: AtomicU64,
+    /// (cluster, database, bytes stored), as of the last compaction pass.
+    database_bytes: Mutex<Vec<(String, String, u64)>>,
 }
 
 const COUNTERS: &[(&str, &str)] = &[
@@ -98,6 +100,14 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Replaces the per-database sizes with those of the latest compaction pass.
+    pub fn set_database_bytes(&self, sizes: Vec<(String, String, u64)>) {
+        *self
+            .database_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = sizes;
+    }
+
     fn counter_values(&self) -> [u64; 12] {
         [
             &self.pages_served,
@@ -152,6 +162,23 @@ impl Metrics {
             "# HELP litevfs_page_versions Page versions in the store after the last compaction.\n\
              # TYPE litevfs_page_versions gauge\nlitevfs_page_versions {versions}"
         );
+        out.push_str(
+            "# HELP litevfs_database_bytes Bytes of page versions stored per database (live \
+             pages and retained history), after the last compaction pass.\n\
+             # TYPE litevfs_database_bytes gauge\n",
+        );
+        let sizes = self
+            .database_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (cluster, db, bytes) in sizes.iter() {
+            let _ = writeln!(
+                out,
+                "litevfs_database_bytes{{cluster=\"{}\",db=\"{}\"}} {bytes}",
+                escape(cluster),
+                escape(db)
+            );
+        }
         out
     }
 }
@@ -173,7 +200,9 @@ mod tests {
         m.request("/db/page", "GET", 200);
         m.lease_event("acquire");
         Metrics::add(&m.commits, 3);
+        m.set_database_bytes(vec![("default".into(), "a\"b".into(), 8192)]);
         let text = m.render();
+        assert!(text.contains("litevfs_database_bytes{cluster=\"default\",db=\"a\\\"b\"} 8192\n"));
         assert!(text.contains(
             "litevfs_http_requests_total{route=\"/db/page\",method=\"GET\",status=\"200\"} 2"
         ));

@@ -1,4 +1,4 @@
-//! `cargo xtask test`: every test the project has, in one command.
+//! `cargo xtask test [--large] [-- PYTEST ARGS]`: every test the project has, in one command.
 //!
 //! Order: system set-up, release build (the tests use release artifacts so that dependencies
 //! compile once), the Rust tests of the workspace (unit tests, the page-store conformance and
@@ -7,6 +7,8 @@
 //! the examples. The Node, Go and PHP examples run where their toolchain is installed: which run
 //! and which are skipped (and why) is printed before the suite, and pytest lists the skips again
 //! at its end. `LITEVFS_EXAMPLES_REQUIRED=node,go,php` turns those skips into failures.
+//! With `--large`, then the large tests: imports and exports of at least 3 GiB with their peak
+//! memory measured (tests/large_transfers.rs; minutes, and about 25 GiB free under TMPDIR).
 
 use std::process::Command;
 
@@ -14,7 +16,19 @@ use crate::proc::{Error, run_checked};
 use crate::setup;
 
 pub fn run(args: &[String]) -> Result<(), Error> {
+    let ours: Vec<&String> = args.iter().take_while(|a| *a != "--").collect();
     let pytest_args: Vec<&String> = args.iter().skip_while(|a| *a != "--").skip(1).collect();
+    let mut large = false;
+    for a in ours {
+        match a.as_str() {
+            "--large" => large = true,
+            other => {
+                return Err(Error(format!(
+                    "unknown option {other:?}; usage: cargo xtask test [--large] [-- PYTEST ARGS]"
+                )));
+            }
+        }
+    }
     setup::ensure_system(true)?;
     let art = setup::build_release()?;
     let root = setup::root();
@@ -60,5 +74,24 @@ pub fn run(args: &[String]) -> Result<(), Error> {
             ),
         "pytest tests/e2e",
     )?;
+
+    if large {
+        // One at a time: each moves gigabytes through the disk.
+        println!("==> large tests: cargo test --release --test large_transfers -- --ignored");
+        run_checked(
+            Command::new(&cargo).current_dir(&root).args([
+                "test",
+                "--release",
+                "--test",
+                "large_transfers",
+                "--",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ]),
+            "large tests",
+        )?;
+    }
     Ok(())
 }

@@ -69,7 +69,8 @@ pub async fn post_tx(
         ),
         None => None,
     };
-    let spooled = spool_body(&app, &headers, body).await?;
+    let limit = crate::server::body::Limit::Bytes(app.config.max_body_size);
+    let spooled = spool_body(&app, &headers, body, limit).await?;
     let store = app.store.clone();
     let applied = blocking(move || {
         let len = spooled.len();

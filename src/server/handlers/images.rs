@@ -7,7 +7,8 @@
 //! looks complete), and so does a client that reads nothing for `--stall-timeout`: the snapshot
 //! holds a read transaction, which must not stay open (pinning the store's write-ahead log)
 //! for as long as a stalled client keeps its connection. Uploads, restores and deletes are
-//! administrative: they ignore leases.
+//! administrative: they ignore leases. An upload is a whole database: `--max-body-size` does
+//! not apply to it, only the room the server has to spool it.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -159,7 +160,9 @@ pub async fn post_upload(
     body: Body,
 ) -> ApiResult<Json<TxidResponse>> {
     let key = writable_db_key(&caller, &params)?;
-    let spooled = spool_body(&app, &headers, body).await?;
+    // A whole database, of any size: `--max-body-size` is for transactions.
+    let limit = crate::server::body::Limit::FreeSpace;
+    let spooled = spool_body(&app, &headers, body, limit).await?;
     let store = app.store.clone();
     let pos = blocking(move || {
         let len = spooled.len();

@@ -45,16 +45,17 @@ pub fn writable_db_key(caller: &Caller, params: &Params) -> ApiResult<DbKey> {
     db_key(caller, params)
 }
 
-/// The request body, spooled under the server's size limit and stall timeout.
+/// The request body, spooled within `limit` and the server's stall timeout.
 pub async fn spool_body(
     app: &crate::server::App,
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
+    limit: crate::server::body::Limit,
 ) -> ApiResult<crate::server::body::Spool> {
     crate::server::body::spool(
         headers,
         body,
-        app.config.max_body_size,
+        limit,
         app.config.stall_timeout,
         app.store.tmp_dir(),
     )

@@ -39,7 +39,7 @@ pub use compact_bucket::BucketStats;
 pub use image::{Format, RestoreTarget};
 pub use lease::{DEFAULT_LEASE, LeaseEvent, Leases, MAX_LEASE, MIN_LEASE};
 pub use read::SnapshotPlan;
-pub use retention::CompactionStats;
+pub use retention::{CompactionStats, DbSize};
 pub use verify::ltx_header;
 
 /// A database's identity: its cluster (namespace) and name, both already validated.

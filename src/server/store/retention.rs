@@ -13,7 +13,7 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{Store, StoreResult, now_ms};
+use super::{DbKey, Store, StoreResult, now_ms};
 
 /// What one compaction pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,8 +23,20 @@ pub struct CompactionStats {
     /// Page versions left in the store after the pass (bucket mode: indexed, the pages of
     /// each database's base image included).
     pub page_versions: u64,
+    /// What each database holds after the pass, in (cluster, name) order.
+    pub databases: Vec<DbSize>,
     /// Bucket mode: what the pass did in the bucket.
     pub bucket: super::BucketStats,
+}
+
+/// The page versions one database holds: its live pages and the history retention keeps
+/// (bucket mode: as indexed by this server, its base image included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbSize {
+    pub key: DbKey,
+    pub page_versions: u64,
+    /// Page versions times their page size.
+    pub bytes: u64,
 }
 
 impl Store {
@@ -62,17 +74,45 @@ impl Store {
             stats.pages_deleted += r.pruned.swap(0, std::sync::atomic::Ordering::Relaxed);
             self.evict_if_needed(r);
         }
-        stats.page_versions = self.read(|tx| {
-            let rows = tx.query_row("SELECT COUNT(*) FROM pages", [], |r| r.get::<_, i64>(0))?;
-            let mut stmt = tx.prepare("SELECT commit_size, page_size FROM bases")?;
-            let base: u64 = stmt
-                .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?)))?
-                .map(|b| b.map(|(c, ps)| crate::server::bucket::format::image_slots(ps, c)))
-                .sum::<Result<u64, _>>()?;
-            Ok(rows as u64 + base)
-        })?;
+        stats.databases = self.read(|tx| Ok(db_sizes(tx)?))?;
+        stats.page_versions = stats.databases.iter().map(|d| d.page_versions).sum();
         Ok(stats)
     }
+}
+
+/// The page versions of every database: rows of `pages` (counted through an index, without
+/// reading a page) at the page size of the database's newest transaction, plus (bucket mode)
+/// the slots of its base image.
+fn db_sizes(tx: &Connection) -> rusqlite::Result<Vec<DbSize>> {
+    let mut stmt = tx.prepare(
+        "SELECT d.cluster, d.name,
+                (SELECT COUNT(*) FROM pages p WHERE p.db_id = d.id),
+                (SELECT t.page_size FROM txns t WHERE t.db_id = d.id
+                 ORDER BY t.max_txid DESC LIMIT 1),
+                b.commit_size, b.page_size
+         FROM dbs d LEFT JOIN bases b ON b.db_id = d.id
+         ORDER BY d.cluster, d.name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let versions = r.get::<_, i64>(2)? as u64;
+        let page_size = r.get::<_, Option<u32>>(3)?;
+        let base = match (r.get::<_, Option<u32>>(4)?, r.get::<_, Option<u32>>(5)?) {
+            (Some(commit), Some(ps)) => {
+                (crate::server::bucket::format::image_slots(ps, commit), ps)
+            }
+            _ => (0, 0),
+        };
+        let ps = u64::from(page_size.unwrap_or(base.1));
+        Ok(DbSize {
+            key: DbKey {
+                cluster: r.get(0)?,
+                name: r.get(1)?,
+            },
+            page_versions: versions + base.0,
+            bytes: versions * ps + base.0 * u64::from(base.1),
+        })
+    })?;
+    rows.collect()
 }
 
 fn compact_db(tx: &Connection, db_id: i64, cutoff_ms: u64) -> StoreResult<(u64, u64)> {
