@@ -80,10 +80,7 @@ pub fn build(
         batch.retain(|p| *p != lock);
         let old = committed(&batch)?;
         for p in batch {
-            let old = old.get(&p).ok_or(LtxError::Pgno {
-                pgno: p.0,
-                why: "committed content unavailable",
-            })?;
+            let old = committed_page(&old, p)?;
             dirty.get(p, &mut new)?;
             if *old == new {
                 continue;
@@ -112,11 +109,7 @@ pub fn build(
         }
         let old = committed(&batch)?;
         for p in batch {
-            let old = old.get(&p).ok_or(LtxError::Pgno {
-                pgno: p.0,
-                why: "committed content unavailable",
-            })?;
-            sum = checksum_xor(sum, page_checksum(p.0, old));
+            sum = checksum_xor(sum, page_checksum(p.0, committed_page(&old, p)?));
         }
     }
     if pages == 0 && new_size == old_size {
@@ -128,6 +121,14 @@ pub fn build(
         size: new_size,
         pages,
     }))
+}
+
+/// Page `p` of a batch of committed pages; the caller asked for it, so its absence is an error.
+fn committed_page(batch: &HashMap<Pgno, Vec<u8>>, p: Pgno) -> Result<&Vec<u8>> {
+    Ok(batch.get(&p).ok_or(LtxError::Pgno {
+        pgno: p.0,
+        why: "committed content unavailable",
+    })?)
 }
 
 /// Page 1 with a file change counter past the committed one, when SQLite left it unchanged
