@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use server_support::Server;
+use server_support::{Server, free_space, same_files};
 
 fn litevfs(server: &Server, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_litevfs"))
@@ -299,34 +299,6 @@ fn as_user(host: &str, token: &str, args: &[&str]) -> Output {
         t => cmd.env("LITEFS_CLOUD_TOKEN", t),
     };
     cmd.output().expect("run litevfs")
-}
-
-fn same_files(a: &Path, b: &Path) -> bool {
-    use std::io::Read;
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = fa.read(&mut ba).unwrap();
-        if n == 0 {
-            return fb.read(&mut bb).unwrap() == 0;
-        }
-        if fb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
-            return false;
-        }
-    }
-}
-
-/// Free bytes on the file system of `dir`.
-fn free_space(dir: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path and a zeroed, properly sized struct for statvfs to fill.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
-    st.f_bavail as u64 * st.f_frsize as u64
 }
 
 /// `--max-body-size` bounds transactions, not imports: a database many times larger imports

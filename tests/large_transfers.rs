@@ -11,12 +11,11 @@
 #[macro_use]
 mod server_support;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
 
-use server_support::Server;
+use server_support::{Server, free_space, same_files};
 
 /// The bound on the peak resident memory of the CLI and of the server, in KiB.
 const BOUND_KIB: u64 = 64 << 10;
@@ -118,32 +117,6 @@ fn server_peak(pid: u32) -> u64 {
 /// Resets the server's peak resident memory to its current size.
 fn reset_peak(pid: u32) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
-}
-
-fn same_files(a: &Path, b: &Path) -> bool {
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let n = fa.read(&mut ba).unwrap();
-        if n == 0 {
-            return fb.read(&mut bb).unwrap() == 0;
-        }
-        if fb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
-            return false;
-        }
-    }
-}
-
-fn free_space(dir: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a NUL-terminated path and a zeroed, properly sized struct for statvfs to fill.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
-    st.f_bavail as u64 * st.f_frsize as u64
 }
 
 /// Imports a database of about `bytes` bytes, exports it as SQLite (byte for byte the same)
