@@ -20,8 +20,13 @@ use super::{Store, StoreResult};
 const HIGH: f64 = 0.90;
 /// ... down to this fraction.
 const LOW: f64 = 0.75;
-/// Rows deleted per write transaction while evicting.
-const BATCH: i64 = 2048;
+/// Rows deleted per write transaction while evicting: about a sixteenth of the bound in 4 KiB
+/// pages, within these limits. Each batch goes through the log twice (the deletes, then the
+/// incremental vacuum moving the file's last pages into the holes) before the log is cut, so
+/// a batch much larger than the bound would take the log past it.
+const BATCH: (u64, u64) = (64, 2048);
+/// Tries of the truncating checkpoint after a batch, 2 ms apart.
+const GIVE_BACK_TRIES: u32 = 25;
 
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
@@ -49,13 +54,14 @@ impl Store {
             return Ok(out);
         }
         let target = (bound * LOW) as u64;
+        let batch = (r.cfg.cache_size / 16 / 4096).clamp(BATCH.0, BATCH.1);
         while self.cache_bytes() > target {
             let before = self.cache_bytes();
             let deleted = self.write(|tx| {
                 Ok(tx.execute(
                     "DELETE FROM page_cache WHERE rowid IN
                        (SELECT rowid FROM page_cache ORDER BY atime LIMIT ?1)",
-                    [BATCH],
+                    [batch as i64],
                 )? as u64)
             })?;
             out.pages += deleted;
@@ -97,12 +103,25 @@ impl Store {
     /// Returns free pages of `store.db` to the file system and truncates its log.
     fn give_back(&self) -> StoreResult<()> {
         let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        conn.execute_batch("PRAGMA incremental_vacuum")?;
-        // Busy (a long read is open) is fine: the log is cut at a later pass.
-        let _: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            });
+        // The pragma frees one page per step (each step yields a row), so it is stepped to
+        // the end; `execute_batch` would step it once and free a single page.
+        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        drop(rows);
+        drop(stmt);
+        // Busy at once when the checkpoint thread is running a passive checkpoint (the
+        // checkpoint lock has no busy handler): try again for a moment, or every batch of the
+        // pass would pile its moves onto the log. Busy for longer (a long read is open) is
+        // fine: the log is cut at a later pass.
+        for _ in 0..GIVE_BACK_TRIES {
+            let busy: rusqlite::Result<i64> =
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0));
+            if !matches!(busy, Ok(1)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         Ok(())
     }
 }
