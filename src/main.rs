@@ -1,5 +1,5 @@
-//! The `litevfs` binary: `litevfs serve` runs the page store; the other subcommands administer
-//! a running store over its HTTP API.
+//! The `litevfs` binary: `litevfs serve` runs the page store, `litevfs repack` compacts a stopped
+//! one; the other subcommands administer a running store over its HTTP API.
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +15,9 @@ enum Command {
     /// Run the page store (the LiteFS Cloud HTTP API) on a local data directory, or on object
     /// storage with --store.
     Serve(Box<litevfs::server::ServeArgs>),
+    /// Rewrite a stopped store's store.db compactly: 64 KiB store pages (stores created before
+    /// them take up to twice their data) and no free pages. Needs free disk for one copy.
+    Repack(litevfs::server::RepackArgs),
     #[command(flatten)]
     Admin(litevfs::admin::AdminCommand),
 }
@@ -23,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => litevfs::server::run(*args),
+        Command::Repack(args) => litevfs::server::repack(args),
         Command::Admin(cmd) => litevfs::admin::run(cmd),
     }
 }

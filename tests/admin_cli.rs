@@ -535,3 +535,106 @@ fn progress_only_on_a_terminal_and_never_with_quiet() {
         assert!(out.stderr.is_empty(), "{args:?}: {:?}", out.stderr);
     }
 }
+
+fn repack(dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_litevfs"))
+        .args(["repack", "--data-dir", dir.to_str().unwrap()])
+        .env_remove("LITEVFS_DATA_DIR")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run litevfs repack")
+}
+
+fn store_bytes(data: &Path) -> u64 {
+    ["store.db", "store.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(data.join(f)).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// A store created with 8 KiB store pages (as every store was before 64 KiB ones) holds about
+/// twice its data; `litevfs repack` rewrites it while the server is stopped, refuses while it
+/// runs, and keeps every database, position and retained state.
+#[test]
+fn repack_rewrites_an_old_store_compactly_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let c = rusqlite::Connection::open(data.join("store.db")).unwrap();
+        c.pragma_update(None, "page_size", 8192).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    make_sized_db(&a, 12 << 20);
+    make_db(&b, 900);
+    let data_bytes =
+        std::fs::metadata(&a).unwrap().len() * 2 + std::fs::metadata(&b).unwrap().len();
+
+    let server = Server::start_in(&data, &[]);
+    ok(&server, &["import", "app", a.to_str().unwrap()]);
+    ok(&server, &["import", "app", b.to_str().unwrap()]);
+    ok(&server, &["import", "other", a.to_str().unwrap()]);
+    let list = ok(&server, &["list"]);
+
+    let err = String::from_utf8(repack(&data).stderr).unwrap();
+    assert!(
+        err.contains("in use by another litevfs serve"),
+        "a running server's store is left alone: {err}"
+    );
+    server.kill9();
+    let before = store_bytes(&data);
+    assert!(
+        before > data_bytes * 17 / 10,
+        "8 KiB store pages hold one 4 KiB page each: {before} bytes for {data_bytes}"
+    );
+
+    let out = repack(&data);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("8192 -> 65536"), "{stdout}");
+    let after = store_bytes(&data);
+    assert!(
+        after < data_bytes * 12 / 10,
+        "repacked: {after} bytes for {data_bytes} of data"
+    );
+    assert!(!data.join("store.db-wal").exists());
+    assert!(!data.join("store.db.repack").exists());
+    let page_size: u32 = rusqlite::Connection::open(data.join("store.db"))
+        .unwrap()
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .unwrap();
+    assert_eq!(page_size, 65536);
+
+    // Everything is there: positions, content, history.
+    let server = Server::start_in(&data, &[]);
+    assert_eq!(ok(&server, &["list"]), list);
+    let out = dir.path().join("out.db");
+    ok(&server, &["export", "app", out.to_str().unwrap()]);
+    assert!(same_files(&out, &b));
+    ok(
+        &server,
+        &["export", "other", out.to_str().unwrap(), "--force"],
+    );
+    assert!(same_files(&out, &a));
+    ok(&server, &["restore", "app", "--txid", "0000000000000001"]);
+    ok(
+        &server,
+        &["export", "app", out.to_str().unwrap(), "--force"],
+    );
+    assert!(same_files(&out, &a));
+    drop(server);
+
+    // Bad input: no store there.
+    let none = repack(&dir.path().join("nothing"));
+    assert!(!none.status.success());
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(err.contains("holds no store"), "{err}");
+}

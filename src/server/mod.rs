@@ -48,6 +48,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(serve(config))
 }
 
+/// Arguments of `litevfs repack`.
+#[derive(clap::Args, Debug)]
+pub struct RepackArgs {
+    /// The data directory of a stopped local store (or of a bucket's cache).
+    #[arg(long, env = "LITEVFS_DATA_DIR", default_value = "./litevfs-data")]
+    pub data_dir: std::path::PathBuf,
+}
+
+/// Runs `litevfs repack`: rewrites a stopped store's `store.db` compactly
+/// ([`store::repack`]).
+pub fn repack(args: RepackArgs) -> anyhow::Result<()> {
+    let dir = &args.data_dir;
+    let r = store::repack::repack(dir)
+        .with_context(|| format!("repacking the store in {}", dir.display()))?;
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "repacked {}: {:.1} MB -> {:.1} MB (store pages of {} -> {} bytes)",
+        dir.join("store.db").display(),
+        mb(r.bytes_before),
+        mb(r.bytes_after),
+        r.page_size_before,
+        r.page_size_after
+    );
+    Ok(())
+}
+
 /// Keeps the resident memory of large transfers bounded. glibc's allocator raises its mmap
 /// threshold each time a large buffer is freed, after which megabyte-sized buffers (snapshot
 /// batches, multipart parts) come from per-thread arenas that seldom give memory back, so each

@@ -20,8 +20,8 @@ use rusqlite::Connection;
 use super::schema::WAL_SIZE_LIMIT;
 
 /// Log size from which a passive checkpoint runs (SQLite's automatic one runs at 1000 pages, 8 MiB
-/// of `store.db`'s 8 KiB pages; starting at half that keeps the log as small as before even when
-/// this thread runs late, which matters to a `--cache-size` that counts the log).
+/// of the 8 KiB store pages this was tuned with; starting at half that keeps the log small even
+/// when this thread runs late, which matters to a `--cache-size` that counts the log).
 pub const CHECKPOINT_AT: u64 = 4 << 20;
 /// Longest a truncating checkpoint waits for readers (and so may hold up the writer).
 const TRUNCATE_WAIT: Duration = Duration::from_millis(50);

@@ -21,6 +21,7 @@ pub(crate) mod lease;
 mod publish;
 mod read;
 pub mod remote;
+pub mod repack;
 mod retention;
 mod schema;
 mod verify;
@@ -139,8 +140,9 @@ impl TxnRow {
     }
 }
 
-/// Version of the bucket-mode cache in `store.db` (a change discards older caches).
-const CACHE_FORMAT: u32 = 2;
+/// Version of the bucket-mode cache in `store.db` (a change discards older caches). 3: 64 KiB
+/// store pages (a cache is rebuilt rather than repacked).
+const CACHE_FORMAT: u32 = 3;
 
 /// Most read connections kept open for reuse.
 const READER_POOL: usize = 8;
@@ -210,6 +212,16 @@ impl Store {
             }
         }
         let writer = schema::open_writer(&path, remote.is_some())?;
+        let page_size: u32 = writer.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        if page_size < schema::STORE_PAGE_SIZE {
+            tracing::warn!(
+                "{} was created with {page_size}-byte pages and takes up to twice the space of \
+                 its data: stop the server and run `litevfs repack --data-dir {}` to rewrite it \
+                 (needs free disk for one copy)",
+                path.display(),
+                data_dir.display()
+            );
+        }
         schema::set_mode(&writer, &mode)?;
         let store_id = match &remote {
             Some(r) => r.store_id.clone(),

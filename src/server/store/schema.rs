@@ -106,6 +106,13 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("pages", "slot", "INTEGER"),
 ];
 
+/// Page size of `store.db`. A row holding one page version is a little larger than the page
+/// (its key and checksum), so a store page holds as many versions as fit whole: with 8 KiB store
+/// pages a 4 KiB version took a whole store page (the store was twice the data), with 64 KiB
+/// ones fifteen fit (about 1.1x the data for 4 KiB pages, 1.2x for 8 KiB, 1.4x for 16 KiB).
+/// The cost is write volume: a small commit rewrites a few whole store pages in the log.
+pub const STORE_PAGE_SIZE: u32 = 65536;
+
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size the write-ahead log is truncated to when it restarts after a checkpoint.
 pub(super) const WAL_SIZE_LIMIT: i64 = 16 << 20;
@@ -116,9 +123,14 @@ pub(super) const WAL_SIZE_LIMIT: i64 = 16 << 20;
 pub fn open_writer(path: &Path, cache: bool) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    // Takes effect only on a new file: 8 KiB store pages hold a 4 KiB page version in one
-    // b-tree cell instead of spilling to an overflow page.
-    conn.pragma_update(None, "page_size", 8192)?;
+    // Takes effect only on a new file (`litevfs repack` rewrites an older one).
+    conn.pragma_update(None, "page_size", STORE_PAGE_SIZE)?;
+    if cache {
+        // Takes effect only on a new file, and only before anything writes its first page:
+        // switching to WAL does, so this comes first (it once came after, and a cache never
+        // gave space back).
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // The log grows to the largest transaction (an upload, a compaction) and SQLite keeps it
@@ -128,10 +140,6 @@ pub fn open_writer(path: &Path, cache: bool) -> rusqlite::Result<Connection> {
     // Checkpoints run on their own thread ([`super::checkpoint`]), never inside a commit.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    if cache {
-        // Takes effect only on a new file.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
-    }
     conn.execute_batch(SCHEMA)?;
     for (table, column, ty) in ADDED_COLUMNS {
         let has: bool = conn
