@@ -15,7 +15,7 @@ enum Command {
     /// Run the page store (the LiteFS Cloud HTTP API) on a local data directory, or on object
     /// storage with --store.
     Serve(Box<litevfs::server::ServeArgs>),
-    /// Rewrite a stopped store's store.db compactly: 64 KiB store pages (stores created before
+    /// Rewrite a stopped store's store.db compactly: 32 KiB store pages (stores created before
     /// them take up to twice their data) and no free pages. Needs free disk for one copy.
     Repack(litevfs::server::RepackArgs),
     #[command(flatten)]

@@ -140,7 +140,7 @@ impl TxnRow {
     }
 }
 
-/// Version of the bucket-mode cache in `store.db` (a change discards older caches). 3: 64 KiB
+/// Version of the bucket-mode cache in `store.db` (a change discards older caches). 3: 32 KiB
 /// store pages (a cache is rebuilt rather than repacked).
 const CACHE_FORMAT: u32 = 3;
 

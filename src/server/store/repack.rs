@@ -8,7 +8,7 @@
 //! itself, so a server cannot start in the middle.
 //!
 //! Two things make a store larger than its data, and this removes both: stores created before
-//! 64 KiB store pages (one 4 KiB page version took a whole 8 KiB store page), and free pages
+//! 32 KiB store pages (one 4 KiB page version took a whole 8 KiB store page), and free pages
 //! left by retention and deleted databases (SQLite reuses them for new data but never gives them
 //! back to the file system on a local store).
 
