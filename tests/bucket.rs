@@ -9,7 +9,7 @@
 mod server_support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -940,7 +940,8 @@ fn landed(api: &Api, db: &str, before: Pos, after: Pos) -> Option<bool> {
 
 /// kill -9 of either of two servers on one bucket, in the middle of commits, 50 times (half
 /// the restarts on an empty data directory): no acknowledged commit is lost, none is applied
-/// twice, and the database verifies at the end.
+/// twice, and the database verifies at the end. Each kill waits for a commit acknowledged
+/// since the one before, so every round has commits in flight however slow the machine.
 fn kill_9_of_either_server_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let bucket = tmp.path().join("a");
@@ -955,8 +956,10 @@ fn kill_9_of_either_server_loses_nothing() {
         .map(|s| s.as_ref().unwrap().base.clone())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
     let writer = {
         let stop = stop.clone();
+        let progress = progress.clone();
         let servers = servers.clone();
         std::thread::spawn(move || {
             let api_of = |i: usize| -> Api {
@@ -998,6 +1001,7 @@ fn kill_9_of_either_server_loses_nothing() {
                 }
                 m = next;
                 acked += 1;
+                progress.store(acked, Ordering::SeqCst);
             }
             (m, acked)
         })
@@ -1008,6 +1012,14 @@ fn kill_9_of_either_server_loses_nothing() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(40 + rng % 120));
+        let waited = Instant::now();
+        while progress.load(Ordering::SeqCst) <= round as u64 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "no commit acknowledged for 60 s in round {round}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let victim = round % 2;
         let s = servers.lock().unwrap()[victim].take().unwrap();
         s.kill9();
