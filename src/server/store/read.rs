@@ -314,40 +314,46 @@ pub(super) fn warm_pages(
         let pgnos: Vec<u32> = level.iter().map(|(_, p)| *p).collect();
         let trees: std::collections::HashMap<u32, u32> =
             level.iter().map(|(t, p)| (*p, *t)).collect();
-        let mut next: Vec<(u32, u32)> = Vec::new();
+        // Children by parent. The level below the last interior one is every leaf of the
+        // database, so nothing is done per child until the probes tell which trees go deeper.
+        let mut next: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut probes: Vec<(u32, u32)> = Vec::new();
+        let mut probed = std::collections::HashSet::new();
         for (v, d) in read(&pgnos)? {
             if !btree::is_interior(v.pgno, &d) {
                 continue;
             }
             let tree = trees[&v.pgno];
-            next.extend(
-                btree::children(v.pgno, &d)
-                    .into_iter()
-                    .filter(|c| *c <= txn.commit && seen.insert(*c))
-                    .map(|c| (tree, c)),
-            );
+            let kids: Vec<u32> = btree::children(v.pgno, &d)
+                .into_iter()
+                .filter(|c| *c <= txn.commit)
+                .collect();
+            if let Some(&first) = kids.first()
+                && probed.insert(tree)
+            {
+                probes.push((tree, first));
+            }
+            next.push((tree, kids));
             out.push((v, d));
         }
         // One probe per tree: are its next-level pages interior?
-        let mut probes: Vec<u32> = Vec::new();
-        let mut probed = std::collections::HashSet::new();
-        for (t, p) in &next {
-            if probed.insert(*t) {
-                probes.push(*p);
-            }
-        }
-        let interior: std::collections::HashSet<u32> = read(&probes)?
+        let probe_pgnos: Vec<u32> = probes.iter().map(|(_, p)| *p).collect();
+        let interior: std::collections::HashSet<u32> = read(&probe_pgnos)?
             .into_iter()
             .filter(|(v, d)| btree::is_interior(v.pgno, d))
             .map(|(v, _)| v.pgno)
             .collect();
-        let deeper: std::collections::HashSet<u32> = next
+        let deeper: std::collections::HashSet<u32> = probes
             .iter()
             .filter(|(_, p)| interior.contains(p))
             .map(|(t, _)| *t)
             .collect();
-        next.retain(|(t, _)| deeper.contains(t));
-        level = next;
+        level = next
+            .into_iter()
+            .filter(|(t, _)| deeper.contains(t))
+            .flat_map(|(t, kids)| kids.into_iter().map(move |c| (t, c)))
+            .filter(|(_, c)| seen.insert(*c))
+            .collect();
     }
     out.truncate(most);
     Ok(out)
