@@ -613,8 +613,11 @@ fn repack_rewrites_an_old_store_compactly_and_keeps_everything() {
         .unwrap();
     assert_eq!(page_size, 32768);
 
-    // Everything is there: positions, content, history.
+    // Everything is there: positions, content, history. A partial copy an interrupted repack
+    // left is removed at start.
+    std::fs::write(data.join("store.db.repack"), b"a copy cut short").unwrap();
     let server = Server::start_in(&data, &[]);
+    assert!(!data.join("store.db.repack").exists());
     assert_eq!(ok(&server, &["list"]), list);
     let out = dir.path().join("out.db");
     ok(&server, &["export", "app", out.to_str().unwrap()]);

@@ -197,6 +197,14 @@ impl Store {
         }
         std::fs::create_dir_all(&tmp_dir)?;
         let path = data_dir.join("store.db");
+        // A copy `litevfs repack` left when it was stopped before its rename: never the store.
+        for leftover in ["store.db.repack", "store.db.repack-journal"] {
+            let f = data_dir.join(leftover);
+            if f.exists() {
+                tracing::info!("removing {}, left by an interrupted repack", f.display());
+                std::fs::remove_file(f)?;
+            }
+        }
         let mode = match &remote {
             // The cache's format version, the bucket and its identity: a cache of anything
             // else is discarded.

@@ -33,7 +33,7 @@ pub struct Repacked {
 /// Rewrites `DATA_DIR/store.db` with [`STORE_PAGE_SIZE`] pages and no free space. Needs free
 /// disk for one copy of the live data. Fails with [`StoreError::Locked`] while a server runs on
 /// `data_dir`; a failure or a crash at any point leaves the old store in place (a partial copy
-/// is removed by the next repack).
+/// is removed by the next repack or server start).
 pub fn repack(data_dir: &Path) -> StoreResult<Repacked> {
     let path = data_dir.join("store.db");
     if !path.exists() {
