@@ -871,40 +871,55 @@ fn warm_open_adds_the_schema_and_interior_pages() {
     )
     .unwrap();
     drop(c);
-    let bytes = std::fs::read(&path).unwrap();
-    api.post("/db/upload", &[("db", "w")], bytes.clone()).ok();
-    let page = |n: u32| &bytes[(n as usize - 1) * 4096..n as usize * 4096];
     let get = |warm: &str| -> PagesResponse {
         api.get("/db/page", &[("db", "w"), ("pgno", "1"), ("warm", warm)])
             .ok()
             .json()
     };
-    let cold = get("0");
-    assert_eq!(cold.pages.len(), 1);
-    let warm = get("1048576");
-    assert_eq!(warm.pages[0].pgno, 1);
-    for p in &warm.pages[1..] {
-        assert_eq!(p.data, page(p.pgno), "page {} as stored", p.pgno);
-        assert!(
-            litevfs::btree::is_interior(p.pgno, &p.data),
-            "page {} is not interior",
-            p.pgno
-        );
-    }
-    match server_support::backend() {
-        server_support::Backend::Local => {
-            // Both roots, and every interior page of both b-trees (20,000 rows need 2 levels).
-            let want: Vec<u32> = (1..=(bytes.len() / 4096) as u32)
-                .filter(|&n| n > 1 && litevfs::btree::is_interior(n, page(n)))
-                .collect();
-            let mut got: Vec<u32> = warm.pages[1..].iter().map(|p| p.pgno).collect();
-            got.sort_unstable();
-            assert_eq!(got, want);
-            // A budget of two pages brings two: the roots come first.
-            let two = get("8192");
-            assert_eq!(two.pages.len(), 3);
+    // The same position twice (the second from the store's memory of warm sets), then a new
+    // position with more interior pages: each reply is the interior pages of its position.
+    for round in 0..3 {
+        if round == 2 {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "with recursive s(x) as (select 1 union all select x + 1 from s where x < 20000)
+                 insert into t select 20000 + x, randomblob(150) from s;",
+            )
+            .unwrap();
         }
-        _ => assert_eq!(warm.pages.len(), 1),
+        let bytes = std::fs::read(&path).unwrap();
+        if round != 1 {
+            api.post("/db/upload", &[("db", "w")], bytes.clone()).ok();
+        }
+        let page = |n: u32| &bytes[(n as usize - 1) * 4096..n as usize * 4096];
+        let cold = get("0");
+        assert_eq!(cold.pages.len(), 1);
+        let warm = get("1048576");
+        assert_eq!(warm.pages[0].pgno, 1);
+        for p in &warm.pages[1..] {
+            assert_eq!(p.data, page(p.pgno), "page {} as stored", p.pgno);
+            assert!(
+                litevfs::btree::is_interior(p.pgno, &p.data),
+                "page {} is not interior",
+                p.pgno
+            );
+        }
+        match server_support::backend() {
+            server_support::Backend::Local => {
+                // Both roots, and every interior page of both b-trees (20,000 rows need 2
+                // levels).
+                let want: Vec<u32> = (1..=(bytes.len() / 4096) as u32)
+                    .filter(|&n| n > 1 && litevfs::btree::is_interior(n, page(n)))
+                    .collect();
+                let mut got: Vec<u32> = warm.pages[1..].iter().map(|p| p.pgno).collect();
+                got.sort_unstable();
+                assert_eq!(got, want, "round {round}");
+                // A budget of two pages brings two: the roots come first.
+                let two = get("8192");
+                assert_eq!(two.pages.len(), 3);
+            }
+            _ => assert_eq!(warm.pages.len(), 1),
+        }
     }
     api.get("/db/page", &[("db", "w"), ("pgno", "1"), ("warm", "lots")])
         .err(400, "EBADINPUT");

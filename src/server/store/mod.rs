@@ -153,6 +153,8 @@ pub struct Store {
     tmp_dir: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Warm sets of recent positions (`GET /db/page?warm=`), bounded in bytes.
+    warm_sets: Mutex<read::WarmSets>,
     changes: watch::Sender<u64>,
     leases: Leases,
     retention: Duration,
@@ -242,6 +244,7 @@ impl Store {
             tmp_dir,
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
+            warm_sets: Mutex::default(),
             changes: watch::channel(0).0,
             leases: Leases::default(),
             retention,

@@ -4,6 +4,8 @@
 //! Invariant: each call runs in one read transaction, so it sees exactly one store state even
 //! while commits and compaction run. Nothing here writes.
 
+use std::sync::{Arc, Mutex};
+
 use rusqlite::Connection;
 
 use super::remote::{Need, RemoteBytes};
@@ -59,7 +61,7 @@ impl Store {
             return self.read(|tx| {
                 let mut got = pages_in(tx, key, pos, pgnos, &LocalBytes, false)?;
                 if warm > 0 {
-                    add_warm_pages(tx, key, &mut got, warm, &LocalBytes)?;
+                    add_warm_pages(tx, key, &mut got, warm, &LocalBytes, &self.warm_sets)?;
                 }
                 Ok(got)
             });
@@ -227,6 +229,48 @@ fn pages_in(
     })
 }
 
+/// Most bytes of warm sets kept in memory ([`WarmSets`]).
+const WARM_SETS_BYTES: usize = 16 << 20;
+
+/// One warm set: page number, stored checksum and bytes of each page, in reply order.
+type WarmSet = Arc<Vec<(u32, u64, Vec<u8>)>>;
+
+/// The warm sets ([`warm_pages`]) built most recently, by database id, TXID and page count,
+/// least recently used first, at most [`WARM_SETS_BYTES`] in all. The pages at a TXID never
+/// change while it is servable (which the caller checks first) and database ids are never
+/// reused, so an entry is never stale: many cold readers opening one database at one position
+/// (a fleet of functions starting) cost the walk once.
+#[derive(Default)]
+pub(super) struct WarmSets {
+    entries: std::collections::VecDeque<((i64, u64, usize), WarmSet)>,
+    bytes: usize,
+}
+
+impl WarmSets {
+    fn get(&mut self, key: (i64, u64, usize)) -> Option<WarmSet> {
+        let i = self.entries.iter().position(|(k, _)| *k == key)?;
+        let e = self.entries.remove(i).expect("found");
+        let set = e.1.clone();
+        self.entries.push_back(e);
+        Some(set)
+    }
+
+    fn put(&mut self, key: (i64, u64, usize), set: WarmSet) {
+        let size = set.iter().map(|(_, _, d)| d.len()).sum::<usize>();
+        if size > WARM_SETS_BYTES / 2 {
+            return;
+        }
+        self.bytes += size;
+        self.entries.push_back((key, set));
+        while self.bytes > WARM_SETS_BYTES {
+            let Some((_, old)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= old.iter().map(|(_, _, d)| d.len()).sum::<usize>();
+        }
+    }
+}
+
 /// Adds the warm pages of `got`'s position to it, up to `budget` bytes and the reply's cap.
 fn add_warm_pages(
     tx: &Connection,
@@ -234,6 +278,7 @@ fn add_warm_pages(
     got: &mut PagesAt,
     budget: usize,
     fetch: &dyn Fetch,
+    sets: &Mutex<WarmSets>,
 ) -> StoreResult<()> {
     let db_id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
     let txn = txn_at(tx, db_id, got.pos.txid.0)?.ok_or_else(|| StoreError::PosMismatch(got.pos))?;
@@ -241,14 +286,31 @@ fn add_warm_pages(
     let have: usize = got.pages.iter().map(|(_, d)| d.len()).sum();
     let room = budget.min(MAX_PAGE_REPLY_BYTES.saturating_sub(have)) / ps;
     let mut seen: std::collections::HashSet<u32> = got.pages.iter().map(|(p, _)| *p).collect();
+    let most = room + seen.len();
+    let lock = || sets.lock().unwrap_or_else(|e| e.into_inner());
+    let set_key = (db_id, txn.max_txid, most);
+    let cached = lock().get(set_key);
+    let set = match cached {
+        Some(set) => set,
+        None => {
+            let set: WarmSet = Arc::new(
+                warm_pages(tx, db_id, &txn, fetch, most)?
+                    .into_iter()
+                    .map(|(v, data)| (v.pgno, v.ck, data))
+                    .collect(),
+            );
+            lock().put(set_key, set.clone());
+            set
+        }
+    };
     let mut added = 0;
-    for (v, data) in warm_pages(tx, db_id, &txn, fetch, room + seen.len())? {
+    for (pgno, ck, data) in set.iter() {
         if added >= room {
             break;
         }
-        if seen.insert(v.pgno) {
-            got.checksums.push((v.pgno, v.ck));
-            got.pages.push((v.pgno, data));
+        if seen.insert(*pgno) {
+            got.checksums.push((*pgno, *ck));
+            got.pages.push((*pgno, data.clone()));
             added += 1;
         }
     }
