@@ -632,7 +632,7 @@ struct IndexReader {
     records: Vec<u8>,
     entries: Spill,
     crc: [u8; 8],
-    digest: crc::Digest<'static, u64, crc::Table<16>>,
+    digest: crate::ltx::Digest,
     next: u64,
 }
 
