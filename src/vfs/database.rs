@@ -532,6 +532,15 @@ impl Database {
         // A WAL-mode connection takes EXCLUSIVE only to checkpoint and close its WAL, which
         // is local work; if it then writes in rollback mode (leaving WAL), the write starts
         // the write transaction ([`Database::start_write`]).
+        if to == LockLevel::Exclusive
+            && from < LockLevel::Reserved
+            && !st.shm.mapped(me)
+            && self.header_says_wal(&mut st)?
+        {
+            // Shared straight to EXCLUSIVE on a WAL database: SQLite opens the WAL in
+            // exclusive locking mode (its wal-index in its own heap).
+            st.shm.enter_heap_mode(me);
+        }
         let wal_mode = st.shm.mapped(me);
         if to >= LockLevel::Reserved && from < LockLevel::Reserved && !wal_mode {
             self.check_writable(&st)?;
@@ -541,6 +550,18 @@ impl Database {
             self.start_write(&mut st, me);
         }
         Ok(level)
+    }
+
+    /// Whether the main file's page 1 says WAL (bytes 18 and 19 are 2).
+    fn header_says_wal(&self, st: &mut State) -> Result<bool> {
+        if st.main_size() == 0 {
+            return Ok(false);
+        }
+        let page1 = match st.main_page(Pgno::ONE, st.page_size)? {
+            Some(p) => p,
+            None => self.page_one(st)?,
+        };
+        Ok(DbHeader::parse(&page1).is_ok_and(|h| h.is_wal()))
     }
 
     /// Opens connection `me`'s write transaction.

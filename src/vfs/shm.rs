@@ -7,7 +7,7 @@
 //! every connection's SQLite notices the change and drops its page cache. It does not know
 //! what the WAL holds; [`super::wal`] does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ptr::NonNull;
 
 use super::lock::ConnId;
@@ -35,6 +35,9 @@ pub struct Shm {
     regions: Vec<Box<[u8]>>,
     /// Connections that mapped the wal-index (they are in WAL mode), with their locks.
     held: HashMap<ConnId, Held>,
+    /// Connections in WAL mode with `locking_mode = EXCLUSIVE`: SQLite keeps their wal-index
+    /// in its own heap and holds EXCLUSIVE on the database file instead.
+    heap: HashSet<ConnId>,
 }
 
 /// Another connection's lock is in the way.
@@ -65,15 +68,26 @@ impl Shm {
     /// Connection `me` stops using the wal-index; its locks go. The last one frees the memory
     /// (a later connection rebuilds it from the WAL, as SQLite does after a restart).
     pub fn unmap(&mut self, me: ConnId) {
+        self.heap.remove(&me);
         self.held.remove(&me);
         if self.held.is_empty() {
             self.regions.clear();
         }
     }
 
-    /// Whether connection `me` has the wal-index mapped (is in WAL mode).
+    /// Whether connection `me` is in WAL mode (its main-file writes are checkpoints).
     pub fn mapped(&self, me: ConnId) -> bool {
-        self.held.contains_key(&me)
+        self.held.contains_key(&me) || self.heap.contains(&me)
+    }
+
+    /// Connection `me` opens the WAL in exclusive locking mode.
+    pub fn enter_heap_mode(&mut self, me: ConnId) {
+        self.heap.insert(me);
+    }
+
+    /// The WAL is gone: exclusive-mode connections are back in rollback mode.
+    pub fn leave_heap_mode(&mut self) {
+        self.heap.clear();
     }
 
     /// The connections in WAL mode.

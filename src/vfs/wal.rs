@@ -249,6 +249,7 @@ impl Database {
         self.fold(&mut st);
         st.walf.committed_end = 0;
         st.walf.file = None;
+        st.shm.leave_heap_mode();
     }
 
     /// Commits the frames `start..end` of the WAL, which end with a commit frame giving the

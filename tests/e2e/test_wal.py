@@ -74,6 +74,7 @@ def test_an_imported_wal_database_is_writable(server, env, agent, tmp_path):
     assert r.returncode == 0, r.stderr
     w, reader = agent(), agent()
     assert reader.one("iw", "pragma journal_mode") == "wal"
+    assert reader.sql("iw", "select count(*), sum(x) from t") == [[100, 4950]]  # in its page cache now
     assert w.one("iw", "select count(*) from t") == 100
     r = w.run("iw", "insert into t values (1)")
     assert not r["ok"] and r["code"] & 0xFF == 8, r  # SQLITE_READONLY: no lease yet
@@ -242,3 +243,36 @@ def test_kill_9_of_a_wal_writer_in_a_loop_of_transactions(server, env, agent):
         assert txns == list(range(1, len(txns) + 1))
         assert committed <= len(txns) <= committed + 1
         r.kill()
+
+
+def test_wal_in_exclusive_locking_mode(server, env):
+    """With locking_mode = EXCLUSIVE SQLite keeps the wal-index in its heap: commits still go
+    up at their commit frame, a reader needs no lease, and leaving WAL works."""
+    r = shell(
+        ".open file:xw?vfs=litevfs\n"
+        "pragma litevfs_acquire_lease;\n"
+        "create table t(x);\n"
+        "insert into t values (1);\n"
+        "pragma locking_mode = exclusive;\n"
+        "pragma journal_mode = wal;\n"
+        "insert into t values (2);\n"
+        "pragma wal_checkpoint;\n"
+        "insert into t values (3);\n"
+        "select count(*), sum(x) from t;\n",
+        env(),
+    )
+    assert r.returncode == 0 and r.stdout.split()[-1] == "3|6", (r.stdout, r.stderr)
+    r = shell(
+        ".open file:xw?vfs=litevfs\n"
+        "pragma locking_mode = exclusive;\n"
+        "select count(*), sum(x) from t;\n"
+        "pragma litevfs_acquire_lease;\n"
+        "pragma journal_mode = delete;\n"
+        "insert into t values (4);\n",
+        env(),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1] == "3|6" and r.stdout.split()[-1] == "delete", r.stdout
+    r = shell(".open file:xw?vfs=litevfs\npragma journal_mode;\nselect count(*), sum(x) from t;\n"
+              "pragma integrity_check;", env())
+    assert r.stdout.split() == ["delete", "4|10", "ok"], (r.stdout, r.stderr)
