@@ -402,6 +402,10 @@ impl Vfs for LitevfsVfs {
             ShmLockMode::UnlockShared => (false, false),
             ShmLockMode::UnlockExclusive => (false, true),
         };
+        if lock && !exclusive && offset as usize >= super::shm::READ0 {
+            // A WAL read transaction starts (the file lock stays SHARED between them).
+            m.budget = Budget::default();
+        }
         guard(Some(&m.db), Op::Lock, || {
             m.db.shm_lock(m.conn, offset, n, lock, exclusive)
         })

@@ -483,6 +483,9 @@ impl Database {
             st.shm.unlock(me, offset, n, exclusive);
             if st.idle() {
                 self.apply_pending(&mut st);
+                if st.pending.is_none() && st.cache.persist_if_due().is_err() {
+                    tracing::debug!(db = %self.name, "could not write the cache index");
+                }
             }
             return Ok(());
         }
