@@ -279,3 +279,60 @@ def test_wal_in_exclusive_locking_mode(server, env):
     r = shell(".open file:xw?vfs=litevfs\npragma journal_mode;\nselect count(*), sum(x) from t;\n"
               "pragma integrity_check;", env())
     assert r.stdout.split() == ["delete", "4|10", "ok"], (r.stdout, r.stderr)
+
+
+def test_a_process_with_its_own_wal_commits_follows_another_writer(server, agent):
+    """Process A commits in WAL mode (frames not yet checkpointed), gives the lease up; B
+    writes; A, its connections still open, drops its WAL, reads B's commits and writes again."""
+    a, b = agent(), agent()
+    a.sql("hand", "pragma litevfs_acquire_lease")
+    a.sql("hand", "pragma journal_mode = wal")
+    a.sql("hand", "pragma wal_autocheckpoint = 0")
+    a.sql("hand", "create table t(x integer primary key, pad)")
+    for i in range(1, 21):
+        a.sql("hand", "insert into t values (?, randomblob(2000))", args=[i])
+    a.sql("hand", "pragma wal_checkpoint(passive)")
+    for i in range(21, 31):
+        a.sql("hand", "update t set pad = randomblob(2000) where x = ?", args=[i - 20])
+        a.sql("hand", "insert into t values (?, randomblob(2000))", args=[i])
+    assert a.sql("hand", "select count(*) from t", ro=True) == [[30]]
+    a.sql("hand", "pragma litevfs_release_lease")
+    b.sql("hand", "pragma litevfs_acquire_lease")
+    assert b.sql("hand", "select count(*) from t") == [[30]]
+    b.sql("hand", "delete from t where x % 3 = 0")
+    b.sql("hand", "insert into t values (100, 'b')")
+    b.sql("hand", "pragma litevfs_release_lease")
+    pos = b.one("hand", "pragma litevfs_position")
+    deadline = time.monotonic() + 60
+    while a.one("hand", "pragma litevfs_position") != pos and time.monotonic() < deadline:
+        time.sleep(0.01)  # the poller brings it (no explicit sync)
+    want = [[21, 100]]
+    assert a.sql("hand", "select count(*), max(x) from t") == want
+    assert a.sql("hand", "select count(*), max(x) from t", ro=True) == want
+    assert a.one("hand", "pragma integrity_check") == "ok"
+    a.sql("hand", "pragma litevfs_acquire_lease")
+    a.sql("hand", "insert into t values (200, 'a')")
+    b.sql("hand", "pragma litevfs_sync")
+    assert b.sql("hand", "select count(*), max(x) from t") == [[22, 200]]
+    assert b.one("hand", "pragma integrity_check") == "ok"
+
+
+def test_a_restart_on_the_same_cache_dir_after_wal_commits(server, env, agent, tmp_path):
+    cache = tmp_path / "shared-cache"
+    a = agent(cache_dir=cache)
+    a.sql("rc", "pragma litevfs_acquire_lease")
+    a.sql("rc", "pragma journal_mode = wal")
+    a.sql("rc", "create table t(x integer primary key, pad)")
+    for i in range(1, 40):
+        a.sql("rc", "insert into t values (?, randomblob(1500))", args=[i])
+        if i == 20:
+            a.sql("rc", "pragma wal_checkpoint(passive)")
+    a.kill()
+    r = agent(cache_dir=cache)
+    assert r.sql("rc", "select count(*), sum(x) from t") == [[39, 780]]
+    assert r.one("rc", "pragma integrity_check") == "ok"
+    deadline = time.monotonic() + 60
+    while not r.run("rc", "pragma litevfs_acquire_lease")["ok"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the killed holder's lease goes when the store sees its connection close
+    r.sql("rc", "insert into t values (40, 'x')")
+    assert r.sql("rc", "select count(*) from t") == [[40]]
