@@ -26,7 +26,8 @@
 //! torture_worker query NAME EXT SQL       `ok VALUE`: the first column of the first row
 //! ```
 //!
-//! Environment: LITEFS_CLOUD_HOST, LITEVFS_CACHE_DIR (as for any litevfs host).
+//! Environment: LITEFS_CLOUD_HOST, LITEVFS_CACHE_DIR (as for any litevfs host);
+//! TORTURE_JOURNAL_MODE (`delete`, `wal`, ...): the writer sets that journal mode first.
 
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -149,6 +150,9 @@ fn writer(name: &str, ext: &str, rows: i64) -> Res<()> {
     let _loader = load(ext)?;
     let c = open(name)?;
     acquire(&c, Duration::from_secs(60))?;
+    if let Ok(mode) = std::env::var("TORTURE_JOURNAL_MODE") {
+        c.query_row(&format!("PRAGMA journal_mode = {mode}"), [], |_| Ok(()))?;
+    }
     c.execute_batch("CREATE TABLE IF NOT EXISTS g(k INTEGER, i INTEGER, pad BLOB)")?;
     let mut k: i64 = c.query_row("SELECT coalesce(max(k), 0) + 1 FROM g", [], |r| r.get(0))?;
     let stop = stdin_closed();

@@ -135,13 +135,19 @@ pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
     while t.trials == 0 || Instant::now() < deadline {
         let first = last_ack;
         // Every other writer keeps nothing of its transactions in memory: its pages, journal
-        // and LTX live in spill files when it is killed.
-        let spill: &[(&str, &str)] = if t.trials % 2 == 1 {
-            &[("LITEVFS_TXN_MEMORY", "0")]
+        // (or WAL) and LTX live in spill files when it is killed. Every other pair of writers
+        // runs in WAL mode (issue 11), so the database also goes back and forth.
+        let spill = if t.trials % 2 == 1 { "0" } else { "16MiB" };
+        let mode = if (t.trials / 2) % 2 == 1 {
+            "wal"
         } else {
-            &[]
+            "delete"
         };
-        let mut w = Worker::spawn_with(ctx, &url, &cache, &["writer", "wk", ROWS], spill)?;
+        let env = [
+            ("LITEVFS_TXN_MEMORY", spill),
+            ("TORTURE_JOURNAL_MODE", mode),
+        ];
+        let mut w = Worker::spawn_with(ctx, &url, &cache, &["writer", "wk", ROWS], &env)?;
         if w.expect("ack ", LONG).is_none() {
             t.notes
                 .push(format!("a writer never committed: {:?}", w.seen.last()));

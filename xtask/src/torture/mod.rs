@@ -5,7 +5,8 @@
 //! one table and fails on any lost or torn commit, double lease holder, wrong result, crash or
 //! 5xx. Experiments (names for `--only`):
 //!
-//! - `writer-kill`: kill -9 of a writer at random moments of its commit loop.
+//! - `writer-kill`: kill -9 of a writer at random moments of its commit loop (rollback journal
+//!   and WAL).
 //! - `server-kill`: kill -9 of the page store under a writer, restarted on its data directory.
 //! - `server-kill-s3`: the same with `--store s3://` on moto's S3 server (from `.venv`), a third
 //!   of the restarts on an empty data directory.
