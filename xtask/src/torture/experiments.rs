@@ -437,30 +437,41 @@ pub fn lost_replies(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally,
 /// Four readers check an invariant (100 accounts, constant total) in a loop while a writer
 /// commits transfers.
 pub fn readers(ctx: &Ctx, budget: Duration, _rng: &mut Rng) -> Result<Tally, Error> {
+    readers_in(ctx, budget, "readers", "delete")
+}
+
+/// [`readers`] with the writer switching the database to WAL first (issue 11): the readers, in
+/// other processes, follow it into WAL mode and read each commit from there.
+pub fn readers_wal(ctx: &Ctx, budget: Duration, _rng: &mut Rng) -> Result<Tally, Error> {
+    readers_in(ctx, budget, "readers-wal", "wal")
+}
+
+fn readers_in(ctx: &Ctx, budget: Duration, name: &str, mode: &str) -> Result<Tally, Error> {
     let mut t = Tally::default();
-    let store = Store::start(ctx, "readers", &[])?;
+    let store = Store::start(ctx, name, &[])?;
     let url = store.url();
     let init = run_worker(
         ctx,
         &url,
-        &ctx.subdir("readers-init"),
+        &ctx.subdir(&format!("{name}-init")),
         &["bank", "bk", "init"],
     )?;
     if init != "ok" {
         return Err(Error(format!("bank init: {init}")));
     }
-    let writer = Worker::spawn(
+    let writer = Worker::spawn_with(
         ctx,
         &url,
-        &ctx.subdir("readers-w"),
+        &ctx.subdir(&format!("{name}-w")),
         &["bank", "bk", "transfer"],
+        &[("TORTURE_JOURNAL_MODE", mode)],
     )?;
     let audits: Vec<Worker> = (0..4)
         .map(|i| {
             Worker::spawn(
                 ctx,
                 &url,
-                &ctx.subdir(&format!("readers-r{i}")),
+                &ctx.subdir(&format!("{name}-r{i}")),
                 &["bank", "bk", "audit"],
             )
         })
