@@ -3,7 +3,10 @@
 //! Owns [`Database`], shared by every connection of the process to one database name. Its
 //! invariant: every page a connection reads belongs to one position, [`State::pos`], which
 //! moves (changes from the store applied, the cache pruned) only while no local connection
-//! holds a lock; changes that arrive meanwhile wait in [`State::pending`]. Reads are in
+//! holds a lock ([`State::idle`]: WAL-mode connections keep SHARED between transactions and
+//! hold wal-index locks inside them); changes that arrive meanwhile wait in [`State::pending`].
+//! In WAL mode `pos` is the main file's position, and the store may be ahead of it
+//! ([`State::store_pos`], see [`super::wal`]). Reads are in
 //! [`super::pager`], writes and commits in [`super::writer`]. It does not talk SQLite's C API.
 
 use std::collections::{BTreeMap, HashMap};

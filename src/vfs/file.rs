@@ -3,8 +3,10 @@
 //! Owns [`LitevfsVfs`] and the file handles: the main database file (backed by a
 //! [`Database`]), rollback journals (in memory, spilling to an anonymous file in the cache
 //! directory past `LITEVFS_TXN_MEMORY`; gone after a crash either way, so a kill -9 never
-//! leaves a hot journal to roll onto the cache), and temporary files (anonymous local files).
-//! It detects commits (journal deleted, truncated or its header zeroed) and routes pragmas.
+//! leaves a hot journal to roll onto the cache), the `-wal` and the wal-index of WAL-mode
+//! databases (private to the process, see [`super::wal`] and [`super::shm`]), and temporary
+//! files (anonymous local files). It detects rollback commits (journal deleted, truncated or its
+//! header zeroed; WAL commits are detected in [`super::wal`]) and routes pragmas.
 //! Every callback runs inside `catch_unwind`, and every error goes through
 //! [`super::report`], which logs it and maps it to an SQLite code; no panic reaches SQLite.
 

@@ -14,13 +14,11 @@
 //!   the cache's position) plus the pages checkpoints wrote (the overlay): readers whose
 //!   snapshot is older than the newest commit read older pages from it. The store is ahead, at
 //!   [`Wal::head`]. When SQLite starts the WAL over (header rewritten, file truncated or
-//!   deleted), no reader needs the old main file any more: it becomes the head ([`fold`]).
+//!   deleted), no reader needs the old main file any more: it becomes the head (`Database::fold`).
 //! - Checkpoints are local: they upload nothing.
 //!
 //! Remote changes reach a WAL database only while no connection holds a wal-index lock; then
-//! the private WAL is dropped and the wal-index restarted ([`Database::drop_wal`]).
-//!
-//! [`fold`]: Database::fold
+//! the private WAL is dropped and the wal-index restarted (`Database::drop_wal`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
