@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from conftest import BIN, EXT, HANG_GUARD, shell
+import pytest
+
+from conftest import BIN, HANG_GUARD, shell
 from test_robustness import WRITER
 
 
@@ -372,3 +374,17 @@ def test_spilled_frames_overwritten_frames_and_savepoints(server, agent):
     r = agent()
     assert r.sql("sp", "select count(*), sum(x) from t") == want
     assert r.one("sp", "pragma integrity_check") == "ok"
+
+
+@pytest.mark.parametrize("sync", ["off", "normal", "full", "extra"])
+def test_every_commit_is_in_the_store_whatever_synchronous_says(server, agent, sync):
+    w, r = agent(), agent()
+    w.sql("sy", "pragma litevfs_acquire_lease")
+    w.sql("sy", "pragma journal_mode = wal")
+    w.sql("sy", f"pragma synchronous = {sync}")
+    w.sql("sy", "create table t(x)")
+    for i in range(1, 6):
+        w.sql("sy", "insert into t values (?)", args=[i])
+        # Acknowledged means in the store: another process finds it at once.
+        assert r.one("sy", "pragma litevfs_sync") == w.one("sy", "pragma litevfs_position")
+        assert r.sql("sy", "select count(*) from t") == [[i]]
