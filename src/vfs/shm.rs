@@ -184,6 +184,11 @@ impl Shm {
             put(r, ck + 4 + 4 * i, NOT_USED);
         }
         put(r, ck + 32, 0);
+        // SQLite's connections read this memory through the pointers `map` gave them, without
+        // a lock for the header (as readers of a unix -shm do while another process's writer
+        // rewrites it). As SQLite itself does, the second copy goes first and the first after a
+        // barrier; a reader that sees them differ, or a changed header after taking its read
+        // lock, retries. Only called while no wal-index lock is held.
         r[HDR..2 * HDR].copy_from_slice(&h);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         r[..HDR].copy_from_slice(&h);

@@ -507,3 +507,75 @@ fn rand_salt() -> u32 {
     );
     h.finish() as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfs::spill::SpillConfig;
+
+    /// A WAL of page size 512 with a header and frames `(pgno, commit size)`.
+    fn wal(frames: &[(u32, u32)]) -> Wal {
+        let dir = std::env::temp_dir();
+        let mut f = SpillBuf::new(SpillConfig {
+            dir,
+            limit: 1 << 20,
+        });
+        let mut h = [0u8; WAL_HDR as usize];
+        h[8..12].copy_from_slice(&512u32.to_be_bytes());
+        h[16..24].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        f.write_at(0, &h).unwrap();
+        let mut w = Wal {
+            page_size: 512,
+            salts: [1, 2, 3, 4, 5, 6, 7, 8],
+            committed_end: WAL_HDR,
+            ..Wal::default()
+        };
+        for (i, (pgno, commit)) in frames.iter().enumerate() {
+            let at = WAL_HDR + i as u64 * w.frame_size();
+            let mut fh = [0u8; FRAME_HDR as usize];
+            fh[..4].copy_from_slice(&pgno.to_be_bytes());
+            fh[4..8].copy_from_slice(&commit.to_be_bytes());
+            fh[8..16].copy_from_slice(&w.salts);
+            f.write_at(at, &fh).unwrap();
+            f.write_at(at + FRAME_HDR, &[*pgno as u8; 512]).unwrap();
+        }
+        w.file = Some(f);
+        w
+    }
+
+    #[test]
+    fn a_commit_is_the_end_of_a_frame_whose_header_has_a_size() {
+        let w = wal(&[(2, 0), (3, 0), (1, 9)]);
+        let fsz = w.frame_size();
+        let third = WAL_HDR + 2 * fsz;
+        // The header of the commit frame alone, or a frame without a size: not yet.
+        assert_eq!(w.completes_commit(third, FRAME_HDR).unwrap(), None);
+        assert_eq!(w.completes_commit(WAL_HDR + FRAME_HDR, 512).unwrap(), None);
+        // Its page data completes it: the transaction is every frame since the last commit.
+        assert_eq!(
+            w.completes_commit(third + FRAME_HDR, 512).unwrap(),
+            Some((WAL_HDR, third + fsz, 9))
+        );
+        // A frame written whole in one write, too.
+        assert_eq!(
+            w.completes_commit(third, fsz).unwrap(),
+            Some((WAL_HDR, third + fsz, 9))
+        );
+        // Frames of an earlier commit, rewritten (checksums), are no new commit.
+        let later = Wal {
+            committed_end: third + fsz,
+            ..wal(&[(2, 0), (3, 0), (1, 9)])
+        };
+        assert_eq!(
+            later.completes_commit(third + FRAME_HDR, 512).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn frames_of_another_generation_are_not_commits() {
+        let mut w = wal(&[(1, 4)]);
+        w.salts = [9; 8];
+        assert_eq!(w.completes_commit(WAL_HDR + FRAME_HDR, 512).unwrap(), None);
+    }
+}
