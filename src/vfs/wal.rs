@@ -95,13 +95,44 @@ impl Wal {
             return Ok(None);
         }
         let mut h = [0u8; FRAME_HDR as usize];
-        if f.read_at(end - fsz, &mut h)? < h.len() || h[8..16] != self.salts {
+        // A transaction that overwrote some of its frames in place writes its frames with zero
+        // salts and checksums, and fills them in after the commit frame (walRewriteChecksums):
+        // those are frames of this generation too.
+        if f.read_at(end - fsz, &mut h)? < h.len() {
+            return Ok(None);
+        }
+        let rechecksummed = h[8..24].iter().all(|b| *b == 0);
+        if h[8..16] != self.salts && !rechecksummed {
             return Ok(None);
         }
         Ok(match be32(&h, 4) {
             0 => None,
             size => Some((self.committed_end, end, size)),
         })
+    }
+
+    /// The first commit frame past the last commit, among the frames of this generation that
+    /// follow it: the frames it ends (`committed_end..end`) and the size it commits.
+    fn next_commit(&self) -> Result<Option<(u64, u64, u32)>> {
+        let (Some(f), true) = (
+            self.file.as_ref(),
+            self.page_size != 0 && self.committed_end != 0,
+        ) else {
+            return Ok(None);
+        };
+        let mut at = self.committed_end;
+        let mut h = [0u8; FRAME_HDR as usize];
+        while at + self.frame_size() <= f.len() {
+            f.read_at(at, &mut h)?;
+            if h[8..16] != self.salts && h[8..24].iter().any(|b| *b != 0) {
+                return Ok(None);
+            }
+            at += self.frame_size();
+            if be32(&h, 4) != 0 {
+                return Ok(Some((self.committed_end, at, be32(&h, 4))));
+            }
+        }
+        Ok(None)
     }
 
     /// The data of the frame at `offset`.
@@ -465,6 +496,23 @@ impl Database {
         stale
     }
 
+    /// The writer released the WAL write lock. Every commit frame it wrote was uploaded when
+    /// it was written; one found past the last upload went undetected, which is a bug: it is
+    /// uploaded now, late, and logged as an error, so the store never misses a transaction
+    /// that readers of this process see.
+    fn settle_wal(&self, st: &mut MutexGuard<State>) {
+        loop {
+            let Ok(Some((start, end, size))) = st.walf.next_commit() else {
+                return;
+            };
+            tracing::error!(db = %self.name, "a WAL commit frame went undetected when it was written; uploading it now");
+            if let Err(e) = self.wal_commit(st, start, end, size) {
+                tracing::error!(db = %self.name, "{e}");
+                return;
+            }
+        }
+    }
+
     /// Connection `me` takes or releases wal-index locks. A read lock taken while nobody holds
     /// any starts a read transaction (sync if due, apply waiting changes); the last lock
     /// released lets waiting changes in.
@@ -479,6 +527,9 @@ impl Database {
         let mut st = self.state.lock();
         if !lock {
             st.shm.unlock(me, offset, n, exclusive);
+            if exclusive && offset == 0 {
+                self.settle_wal(&mut st);
+            }
             if st.idle() {
                 self.apply_pending(&mut st);
                 if st.pending.is_none() && st.cache.persist_if_due().is_err() {
@@ -573,9 +624,35 @@ mod tests {
     }
 
     #[test]
+    fn frames_whose_checksums_come_later_are_commits() {
+        // A transaction that overwrote frames in place writes zero salts and checksums first.
+        let mut w = wal(&[(2, 0), (1, 5)]);
+        let second = WAL_HDR + w.frame_size();
+        let f = w.file.as_mut().unwrap();
+        f.write_at(second + 8, &[0u8; 16]).unwrap();
+        assert_eq!(
+            w.completes_commit(second + FRAME_HDR, 512).unwrap(),
+            Some((WAL_HDR, second + w.frame_size(), 5))
+        );
+    }
+
+    #[test]
+    fn a_commit_frame_past_the_last_commit_is_found() {
+        let mut w = wal(&[(2, 0), (3, 0), (1, 9), (4, 0)]);
+        let fsz = w.frame_size();
+        assert_eq!(
+            w.next_commit().unwrap(),
+            Some((WAL_HDR, WAL_HDR + 3 * fsz, 9))
+        );
+        w.committed_end = WAL_HDR + 3 * fsz;
+        assert_eq!(w.next_commit().unwrap(), None, "frames of no commit");
+    }
+
+    #[test]
     fn frames_of_another_generation_are_not_commits() {
         let mut w = wal(&[(1, 4)]);
         w.salts = [9; 8];
         assert_eq!(w.completes_commit(WAL_HDR + FRAME_HDR, 512).unwrap(), None);
+        assert_eq!(w.next_commit().unwrap(), None);
     }
 }
