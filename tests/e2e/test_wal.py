@@ -49,7 +49,7 @@ def test_wal_in_the_shell_seen_by_another_process_and_back_to_delete(server, env
     assert a.sql("sw", "select count(*), sum(x) from t") == [[7, 142]]
     assert a.one("sw", "pragma journal_mode") == "wal"
     assert a.one("sw", "pragma integrity_check") == "ok"
-    # Eight commits: create, insert, the switch to WAL, then three WAL transactions; the
+    # Six commits: create, insert, the switch to WAL, then three WAL transactions; the
     # checkpoint uploaded nothing.
     assert int(a.one("sw", "pragma litevfs_position").split("/")[0], 16) == 6
     assert export(e, "sw", tmp_path / "sw.db") == (7, 142)
