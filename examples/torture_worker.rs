@@ -26,7 +26,9 @@
 //! torture_worker query NAME EXT SQL       `ok VALUE`: the first column of the first row
 //! ```
 //!
-//! Environment: LITEFS_CLOUD_HOST, LITEVFS_CACHE_DIR (as for any litevfs host).
+//! Environment: LITEFS_CLOUD_HOST, LITEVFS_CACHE_DIR (as for any litevfs host);
+//! TORTURE_JOURNAL_MODE (`delete`, `wal`, ...): `writer` and `bank transfer` set that journal
+//! mode first.
 
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -149,6 +151,7 @@ fn writer(name: &str, ext: &str, rows: i64) -> Res<()> {
     let _loader = load(ext)?;
     let c = open(name)?;
     acquire(&c, Duration::from_secs(60))?;
+    set_journal_mode(&c)?;
     c.execute_batch("CREATE TABLE IF NOT EXISTS g(k INTEGER, i INTEGER, pad BLOB)")?;
     let mut k: i64 = c.query_row("SELECT coalesce(max(k), 0) + 1 FROM g", [], |r| r.get(0))?;
     let stop = stdin_closed();
@@ -292,6 +295,7 @@ fn bank(name: &str, ext: &str, role: &str) -> Res<()> {
         }
         "transfer" => {
             acquire(&c, Duration::from_secs(60))?;
+            set_journal_mode(&c)?;
             let stop = stdin_closed();
             let (mut commits, mut fails, mut seed) = (0u64, 0u64, 0x9E37_79B9_7F4A_7C15u64);
             while !stop.load(Ordering::SeqCst) {
@@ -333,6 +337,14 @@ fn bank(name: &str, ext: &str, role: &str) -> Res<()> {
             println!("done reads={reads} wrong={wrong} errors={errors}");
         }
         _ => return Err(format!("unknown bank role {role}").into()),
+    }
+    Ok(())
+}
+
+/// `PRAGMA journal_mode = $TORTURE_JOURNAL_MODE`, when set.
+fn set_journal_mode(c: &Connection) -> Res<()> {
+    if let Ok(mode) = std::env::var("TORTURE_JOURNAL_MODE") {
+        c.query_row(&format!("PRAGMA journal_mode = {mode}"), [], |_| Ok(()))?;
     }
     Ok(())
 }

@@ -3,7 +3,10 @@
 //! Owns [`Database`], shared by every connection of the process to one database name. Its
 //! invariant: every page a connection reads belongs to one position, [`State::pos`], which
 //! moves (changes from the store applied, the cache pruned) only while no local connection
-//! holds a lock; changes that arrive meanwhile wait in [`State::pending`]. Reads are in
+//! holds a lock ([`State::idle`]: WAL-mode connections keep SHARED between transactions and
+//! hold wal-index locks inside them); changes that arrive meanwhile wait in [`State::pending`].
+//! In WAL mode `pos` is the main file's position, and the store may be ahead of it
+//! ([`State::store_pos`], see [`super::wal`]). Reads are in
 //! [`super::pager`], writes and commits in [`super::writer`]. It does not talk SQLite's C API.
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +24,9 @@ use super::error::{Error, Result};
 use super::lease::HeldLease;
 use super::lock::{ConnId, LockLevel, LockTable};
 use super::prefetch::Prefetcher;
+use super::shm::Shm;
 use super::spill::{DirtyPages, SpillConfig};
+use super::wal::Wal;
 use crate::dbfile::DbHeader;
 use crate::wire::{Changes, ErrorCode, Pos};
 
@@ -109,8 +114,10 @@ pub struct State {
     /// Size in pages at `pos`; meaningful when `size_known`.
     pub size: u32,
     pub size_known: bool,
-    /// The stored header says WAL: reads present it as a rollback database, writes are refused.
-    pub wal: bool,
+    /// The private `-wal` file and the main file under it ([`super::wal`]).
+    pub walf: Wal,
+    /// The private wal-index ([`super::shm`]).
+    pub shm: Shm,
     pub cache: Cache,
     pub locks: LockTable,
     pub write: Option<WriteTxn>,
@@ -166,7 +173,8 @@ impl Database {
             page_size: cache.page_size(),
             size: 0,
             size_known: false,
-            wal: false,
+            walf: Wal::default(),
+            shm: Shm::default(),
             cache,
             locks: LockTable::default(),
             write: None,
@@ -260,13 +268,13 @@ impl Database {
     }
 
     fn sync_with_timeout(&self, st: &mut State, force: bool, timeout: Duration) -> Result<()> {
-        let positions = BTreeMap::from([(self.name.clone(), st.pos)]);
+        let from = st.store_pos();
+        let positions = BTreeMap::from([(self.name.clone(), from)]);
         self.stats.requests.fetch_add(1, Relaxed);
         let mut changes = self.client.sync(positions, None, timeout)?;
-        let from = st.pos;
         st.last_sync = Some(Instant::now());
         self.offer_locked(st, from, changes.remove(&self.name));
-        if force && st.locks.is_idle() {
+        if force && st.idle() {
             self.apply_pending(st);
         }
         Ok(())
@@ -280,7 +288,7 @@ impl Database {
     }
 
     fn offer_locked(&self, st: &mut State, from: Pos, changes: Option<Changes>) {
-        if from != st.pos {
+        if from != st.store_pos() {
             return; // computed from an older position; the next poll asks again
         }
         let changes = match changes {
@@ -296,11 +304,11 @@ impl Database {
             },
         };
         st.exists = true;
-        if changes.pos == st.pos && !changes.drops_all() {
+        if changes.pos == st.store_pos() && !changes.drops_all() {
             return;
         }
         st.pending = Some(Pending { from, changes });
-        if st.locks.is_idle() {
+        if st.idle() {
             self.apply_pending(st);
         }
     }
@@ -308,8 +316,13 @@ impl Database {
     /// Applies waiting changes; only called when no connection holds a lock.
     pub fn apply_pending(&self, st: &mut State) {
         let Some(p) = st.pending.take() else { return };
-        if p.from != st.pos {
+        if p.from != st.store_pos() {
             return;
+        }
+        // What this process committed through its WAL since the main file's position goes
+        // with the WAL: the cache is pruned back to that position, then to the new one.
+        for pgno in self.drop_wal(st) {
+            st.cache.remove(pgno);
         }
         let ch = p.changes;
         if ch.drops_all() || ch.pos.is_zero() {
@@ -340,7 +353,7 @@ impl Database {
             return Ok(());
         }
         if st.pos.is_zero() {
-            (st.size, st.size_known, st.wal) = (0, true, false);
+            (st.size, st.size_known) = (0, true);
             return Ok(());
         }
         let page1 = self.page_one(st)?;
@@ -363,7 +376,6 @@ impl Database {
                 }
             }
         };
-        st.wal = h.is_wal();
         st.size_known = true;
         Ok(())
     }
@@ -517,29 +529,56 @@ impl Database {
     /// Raises a connection's lock.
     pub fn lock(&self, me: ConnId, from: LockLevel, to: LockLevel) -> Result<LockLevel> {
         let mut st = self.state.lock();
-        if from == LockLevel::Unlocked && st.locks.is_idle() && to >= LockLevel::Shared {
+        if from == LockLevel::Unlocked && st.idle() && to >= LockLevel::Shared {
             self.begin_read(&mut st)?;
         }
-        if to >= LockLevel::Reserved && from < LockLevel::Reserved {
+        // A WAL-mode connection takes EXCLUSIVE only to checkpoint and close its WAL, which
+        // is local work; if it then writes in rollback mode (leaving WAL), the write starts
+        // the write transaction ([`Database::start_write`]).
+        if to == LockLevel::Exclusive
+            && from < LockLevel::Reserved
+            && !st.shm.mapped(me)
+            && self.header_says_wal(&mut st)?
+        {
+            // Shared straight to EXCLUSIVE on a WAL database: SQLite opens the WAL in
+            // exclusive locking mode (its wal-index in its own heap).
+            st.shm.enter_heap_mode(me);
+        }
+        let wal_mode = st.shm.mapped(me);
+        if to >= LockLevel::Reserved && from < LockLevel::Reserved && !wal_mode {
             self.check_writable(&st)?;
         }
         let level = st.locks.lock(me, from, to).map_err(|_| Error::Busy)?;
-        if level >= LockLevel::Reserved && st.write.is_none() {
-            let page_size = st.page_size;
-            st.write = Some(WriteTxn {
-                owner: me,
-                dirty: DirtyPages::new(self.spill.clone()),
-                size: st.size,
-                page_size,
-            });
+        if level >= LockLevel::Reserved && st.write.is_none() && !wal_mode {
+            self.start_write(&mut st, me);
         }
         Ok(level)
     }
 
-    fn check_writable(&self, st: &State) -> Result<()> {
-        if st.wal {
-            return Err(Error::WalWrite(self.name.clone()));
+    /// Whether the main file's page 1 says WAL (bytes 18 and 19 are 2).
+    fn header_says_wal(&self, st: &mut State) -> Result<bool> {
+        if st.main_size() == 0 {
+            return Ok(false);
         }
+        let page1 = match st.main_page(Pgno::ONE, st.page_size)? {
+            Some(p) => p,
+            None => self.page_one(st)?,
+        };
+        Ok(DbHeader::parse(&page1).is_ok_and(|h| h.is_wal()))
+    }
+
+    /// Opens connection `me`'s write transaction.
+    pub(super) fn start_write(&self, st: &mut State, me: ConnId) {
+        let page_size = st.page_size;
+        st.write = Some(WriteTxn {
+            owner: me,
+            dirty: DirtyPages::new(self.spill.clone()),
+            size: st.size,
+            page_size,
+        });
+    }
+
+    pub(super) fn check_writable(&self, st: &State) -> Result<()> {
         // Renew here too when due: a starved refresher thread must not fail a write.
         self.refresh_lease();
         if !self.lease.lock().as_ref().is_some_and(HeldLease::is_live) {
@@ -566,7 +605,7 @@ impl Database {
             st.write = None;
         }
         st.locks.unlock(me, to);
-        if st.locks.is_idle() {
+        if st.idle() {
             self.apply_pending(&mut st);
             if st.pending.is_none() && st.cache.persist_if_due().is_err() {
                 tracing::debug!(db = %self.name, "could not write the cache index");

@@ -56,11 +56,6 @@ pub enum Error {
     #[error("database {db:?}: cannot take the write lease: {why}")]
     LeaseBusy { db: String, why: String },
     #[error(
-        "database {0:?} is in WAL mode: litevfs reads WAL databases but does not write them; \
-         upload it in a rollback journal mode (DELETE, TRUNCATE, PERSIST or MEMORY)"
-    )]
-    WalWrite(String),
-    #[error(
         "database {db:?} changed in the page store under this transaction (the store is at {pos}); \
          the transaction failed, retry it"
     )]
@@ -117,7 +112,7 @@ impl Error {
         match self {
             Error::Client(e) => client_code(e, op),
             Error::NoSuchDatabase { .. } | Error::BadName { .. } => vars::SQLITE_CANTOPEN,
-            Error::NoLease(_) | Error::WalWrite(_) => vars::SQLITE_READONLY,
+            Error::NoLease(_) => vars::SQLITE_READONLY,
             Error::LeaseBusy { .. } | Error::Busy => vars::SQLITE_BUSY,
             Error::RemoteChanged { .. } => LITEVFS_IOERR_POS_MISMATCH,
             Error::CommitUnknown { .. } | Error::Unsettled { .. } => LITEVFS_IOERR_COMMIT_UNKNOWN,

@@ -3,18 +3,21 @@
 //! Owns [`LitevfsVfs`] and the file handles: the main database file (backed by a
 //! [`Database`]), rollback journals (in memory, spilling to an anonymous file in the cache
 //! directory past `LITEVFS_TXN_MEMORY`; gone after a crash either way, so a kill -9 never
-//! leaves a hot journal to roll onto the cache), and temporary files (anonymous local files).
-//! It detects commits (journal deleted, truncated or its header zeroed) and routes pragmas.
+//! leaves a hot journal to roll onto the cache), the `-wal` and the wal-index of WAL-mode
+//! databases (private to the process, see [`super::wal`] and [`super::shm`]), and temporary
+//! files (anonymous local files). It detects rollback commits (journal deleted, truncated or its
+//! header zeroed; WAL commits are detected in [`super::wal`]) and routes pragmas.
 //! Every callback runs inside `catch_unwind`, and every error goes through
 //! [`super::report`], which logs it and maps it to an SQLite code; no panic reaches SQLite.
 
 use std::borrow::Cow;
 use std::os::unix::fs::FileExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use sqlite_plugin::flags::{AccessFlags, LockLevel, OpenKind, OpenOpts};
+use sqlite_plugin::flags::{AccessFlags, LockLevel, OpenKind, OpenOpts, ShmLockMode};
 use sqlite_plugin::vars;
 use sqlite_plugin::vfs::{Pragma as PluginPragma, PragmaErr, Vfs, VfsHandle, VfsResult};
 
@@ -30,6 +33,8 @@ use crate::wire::validate_db_name;
 
 /// Suffix SQLite appends to the main database name for its rollback journal.
 const JOURNAL_SUFFIX: &str = "-journal";
+/// Suffix of the write-ahead log.
+const WAL_SUFFIX: &str = "-wal";
 /// The first bytes of a valid rollback journal header.
 const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
 
@@ -53,6 +58,8 @@ pub struct MemFile {
 pub enum Handle {
     Main(MainFile),
     Mem(MemFile),
+    /// The `-wal` of a database: private to this process ([`super::wal`]).
+    Wal(Arc<Database>),
     Temp(std::fs::File),
 }
 
@@ -139,6 +146,12 @@ impl LitevfsVfs {
             .and_then(|db| self.global.find(db))
     }
 
+    /// The database whose WAL `name` is, when it is open in this process.
+    fn wal_db(&self, name: &str) -> Option<Arc<Database>> {
+        name.strip_suffix(WAL_SUFFIX)
+            .and_then(|db| self.global.find(db))
+    }
+
     /// SQLite finalised a journal: that is its commit point.
     fn finalized(&self, journal: &str) -> Result<()> {
         let Some(db) = self.journal_db(journal) else {
@@ -195,14 +208,25 @@ impl Vfs for LitevfsVfs {
         guard(None, Op::Open, || match (opts.kind(), path) {
             (OpenKind::MainDb, Some(name)) => self.open_main(name, &opts),
             (OpenKind::MainDb, None) => tempfile::tempfile().map(Handle::Temp).map_err(io),
-            (OpenKind::MainJournal | OpenKind::SuperJournal | OpenKind::Wal, Some(name)) => {
-                Ok(self.open_mem(name))
-            }
+            (OpenKind::Wal, Some(name)) => match self.wal_db(name) {
+                Some(db) => {
+                    db.wal_open();
+                    Ok(Handle::Wal(db))
+                }
+                None => Ok(self.open_mem(name)),
+            },
+            (OpenKind::MainJournal | OpenKind::SuperJournal, Some(name)) => Ok(self.open_mem(name)),
             _ => tempfile::tempfile().map(Handle::Temp).map_err(io),
         })
     }
 
     fn delete(&self, path: &str) -> VfsResult<()> {
+        if let Some(db) = self.wal_db(path) {
+            return guard(Some(&db), Op::Commit, || {
+                db.wal_delete();
+                Ok(())
+            });
+        }
         let db = self.journal_db(path);
         guard(db.as_deref(), Op::Commit, || {
             let existed = self.global.journals.lock().remove(path).is_some();
@@ -215,6 +239,9 @@ impl Vfs for LitevfsVfs {
     }
 
     fn access(&self, path: &str, _flags: AccessFlags) -> VfsResult<bool> {
+        if let Some(db) = self.wal_db(path) {
+            return Ok(db.wal_exists());
+        }
         Ok(self.global.journals.lock().contains_key(path))
     }
 
@@ -224,6 +251,7 @@ impl Vfs for LitevfsVfs {
                 m.db.file_size(m.conn).map(|n| n as usize)
             }),
             Handle::Mem(f) => Ok(f.data.lock().len() as usize),
+            Handle::Wal(db) => Ok(db.wal_len() as usize),
             Handle::Temp(f) => guard(None, Op::Read, || {
                 f.metadata().map(|m| m.len() as usize).map_err(io)
             }),
@@ -239,6 +267,7 @@ impl Vfs for LitevfsVfs {
                 let db = self.journal_db(&f.name);
                 guard(db.as_deref(), Op::Commit, || self.mem_truncate(f, size))
             }
+            Handle::Wal(db) => guard(Some(db), Op::Write, || db.wal_truncate(size as u64)),
             Handle::Temp(f) => guard(None, Op::Write, || f.set_len(size as u64).map_err(io)),
         }
     }
@@ -252,6 +281,9 @@ impl Vfs for LitevfsVfs {
                 let db = self.journal_db(&f.name);
                 guard(db.as_deref(), Op::Commit, || self.mem_write(f, offset, buf))
             }
+            Handle::Wal(db) => guard(Some(db), Op::Commit, || {
+                db.wal_write(offset as u64, buf).map(|_| buf.len())
+            }),
             Handle::Temp(f) => guard(None, Op::Write, || {
                 f.write_all_at(buf, offset as u64)
                     .map(|_| buf.len())
@@ -271,6 +303,7 @@ impl Vfs for LitevfsVfs {
                     Ok(f.data.lock().read_at(offset as u64, buf)?)
                 })
             }
+            Handle::Wal(db) => guard(Some(db), Op::Read, || db.wal_read(offset as u64, buf)),
             Handle::Temp(f) => guard(None, Op::Read, || {
                 read_at(f, offset as u64, buf).map_err(io)
             }),
@@ -299,7 +332,7 @@ impl Vfs for LitevfsVfs {
     fn check_reserved_lock(&self, h: &mut Handle) -> VfsResult<bool> {
         match h {
             Handle::Main(m) => guard(Some(&m.db), Op::Lock, || Ok(m.db.reserved())),
-            Handle::Mem(_) | Handle::Temp(_) => Ok(false),
+            Handle::Mem(_) | Handle::Wal(_) | Handle::Temp(_) => Ok(false),
         }
     }
 
@@ -308,6 +341,7 @@ impl Vfs for LitevfsVfs {
             return Ok(());
         };
         guard(Some(&m.db.clone()), Op::Commit, || {
+            m.db.state.lock().shm.unmap(m.conn);
             let from = std::mem::replace(&mut m.lock, LockLevel::Unlocked);
             let r = if from > LockLevel::Unlocked {
                 m.db.unlock(m.conn, from, LockLevel::Unlocked)
@@ -343,6 +377,51 @@ impl Vfs for LitevfsVfs {
                 Err(PragmaErr::Fail(code, Some(format!("litevfs: {e}"))))
             }
         }
+    }
+
+    fn shm_map(
+        &self,
+        h: &mut Handle,
+        region: usize,
+        size: usize,
+        extend: bool,
+    ) -> VfsResult<Option<NonNull<u8>>> {
+        let Handle::Main(m) = h else {
+            return Err(vars::SQLITE_IOERR_SHMMAP);
+        };
+        guard(Some(&m.db), Op::Lock, || {
+            Ok(m.db.state.lock().shm.map(m.conn, region, size, extend))
+        })
+    }
+
+    fn shm_lock(&self, h: &mut Handle, offset: u32, n: u32, mode: ShmLockMode) -> VfsResult<()> {
+        let Handle::Main(m) = h else {
+            return Err(vars::SQLITE_IOERR_SHMLOCK);
+        };
+        let (lock, exclusive) = match mode {
+            ShmLockMode::LockShared => (true, false),
+            ShmLockMode::LockExclusive => (true, true),
+            ShmLockMode::UnlockShared => (false, false),
+            ShmLockMode::UnlockExclusive => (false, true),
+        };
+        if lock && !exclusive && offset as usize >= super::shm::READ0 {
+            // A WAL read transaction starts (the file lock stays SHARED between them).
+            m.budget = Budget::default();
+        }
+        guard(Some(&m.db), Op::Lock, || {
+            m.db.shm_lock(m.conn, offset, n, lock, exclusive)
+        })
+    }
+
+    fn shm_barrier(&self, _h: &mut Handle) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn shm_unmap(&self, h: &mut Handle, _delete: bool) -> VfsResult<()> {
+        if let Handle::Main(m) = h {
+            m.db.state.lock().shm.unmap(m.conn);
+        }
+        Ok(())
     }
 
     fn device_characteristics(&self, _h: &mut Handle) -> VfsResult<i32> {

@@ -94,7 +94,7 @@ impl Database {
         *self.lease.lock() = Some(lease.clone());
         let mut st = self.state.lock();
         self.sync_locked(&mut st, true)?;
-        if !st.locks.is_idle() && st.pending.is_some() {
+        if !st.idle() && st.pending.is_some() {
             tracing::info!(db = %self.name, "lease taken; newer changes wait for this connection's transaction to end");
         }
         Ok(HeldLease::describe(Some(&lease)))

@@ -36,6 +36,17 @@ impl LockTable {
         self.reserved.is_some() || self.pending.is_some() || self.exclusive.is_some()
     }
 
+    /// Every connection holding SHARED passes `f` (the WAL-mode ones, which keep it between
+    /// transactions).
+    pub fn shared_only_by(&self, f: impl Fn(ConnId) -> bool) -> bool {
+        self.shared.iter().all(|c| f(*c))
+    }
+
+    /// Connection `me` holds RESERVED or more.
+    pub fn writes(&self, me: ConnId) -> bool {
+        [self.reserved, self.pending, self.exclusive].contains(&Some(me))
+    }
+
     fn other(slot: Option<ConnId>, me: ConnId) -> bool {
         slot.is_some_and(|c| c != me)
     }

@@ -12,6 +12,8 @@
 //!   [`resolve`]: settling a commit whose reply was lost
 //! - [`commit`]: the LTX of a transaction
 //! - [`cache`]: the local disk page cache; [`prefetch`]: what else to fetch on a miss
+//! - [`wal`]: WAL-mode databases (the private `-wal`, its commits, checkpoints); [`shm`]: the
+//!   private wal-index and its locks
 //! - [`sync`]: the change poller; [`lease`]: write leases
 //! - [`client`]: the page-store HTTP client; [`config`]; [`lock`]; [`error`]
 //!
@@ -33,8 +35,10 @@ pub mod pager;
 pub mod pragma;
 pub mod prefetch;
 pub mod resolve;
+pub mod shm;
 pub mod spill;
 pub mod sync;
+pub mod wal;
 pub mod writer;
 
 use std::collections::HashMap;

@@ -40,7 +40,7 @@ impl Database {
         let mut st = self.state.lock();
         let (page_size, size) = match &st.write {
             Some(w) if w.owner == me => (w.page_size, w.size),
-            _ => (st.page_size, st.size),
+            _ => (st.page_size, st.main_size()),
         };
         if page_size == 0 || size == 0 {
             return Ok(0);
@@ -56,7 +56,7 @@ impl Database {
             && buf.len() == ps as usize
             && page_size == st.page_size
             && pgno.0 <= st.size
-            && !(pgno == Pgno::ONE && st.wal)
+            && !st.main_changed(pgno)
             && !st
                 .write
                 .as_ref()
@@ -69,14 +69,6 @@ impl Database {
         let page = self.page(&mut st, me, budget, pgno, page_size)?;
         let n = buf.len().min(page.len() - in_page);
         buf[..n].copy_from_slice(&page[in_page..in_page + n]);
-        if pgno == Pgno::ONE && st.wal {
-            // Present a WAL database as a rollback-journal one: the store holds it checkpointed.
-            for (i, b) in buf[..n].iter_mut().enumerate() {
-                if matches!(in_page + i, 18 | 19) {
-                    *b = 1;
-                }
-            }
-        }
         Ok(n)
     }
 
@@ -93,6 +85,9 @@ impl Database {
             if w.dirty.get(pgno, &mut buf)? {
                 return Ok(buf);
             }
+        }
+        if let Some(page) = st.main_page(pgno, page_size)? {
+            return Ok(page);
         }
         if pgno.0 > st.size || page_size != st.page_size {
             return Ok(vec![0u8; page_size as usize]);
@@ -206,7 +201,7 @@ impl Database {
     /// database against the position's checksum. Returns the number of pages.
     pub fn cache_all(&self) -> Result<u32> {
         let mut st = self.state.lock();
-        if st.locks.is_idle() {
+        if st.idle() {
             self.begin_read(&mut st)?;
         }
         self.ensure_size(&mut st)?;

@@ -44,8 +44,6 @@ pub enum Pragma {
     MaxPrefetchPages(Option<u32>),
     /// `PRAGMA litevfs_max_readahead_bytes;` or `PRAGMA litevfs_max_readahead_bytes = '8M';`
     MaxReadaheadBytes(Option<u64>),
-    /// `PRAGMA journal_mode = WAL;` (refused: litevfs reads WAL databases but does not write them)
-    JournalModeWal,
 }
 
 fn bad(pragma: &str, value: &str, allowed: &str) -> Error {
@@ -120,11 +118,6 @@ impl Pragma {
                 "a number of bytes up to 64M, optionally with a K or M suffix; 0 turns read-ahead growth off",
                 |a| config::parse_bytes(a).filter(|n| *n <= MAX_READAHEAD_LIMIT),
             )?))),
-            "journal_mode"
-                if arg.is_some_and(|a| a.trim_matches(['\'', '"']).eq_ignore_ascii_case("wal")) =>
-            {
-                Ok(Some(Pragma::JournalModeWal))
-            }
             _ => Ok(None),
         }
     }
@@ -157,19 +150,15 @@ impl Pragma {
             Pragma::AcquireLease => db.acquire_lease(),
             Pragma::ReleaseLease => db.release_lease(),
             Pragma::Lease => Ok(HeldLease::describe(db.lease.lock().as_ref())),
-            Pragma::Position => Ok(db.state.lock().pos.to_string()),
+            Pragma::Position => Ok(db.state.lock().store_pos().to_string()),
             Pragma::Sync => {
                 let mut st = db.state.lock();
                 db.sync_locked(&mut st, true)?;
-                Ok(st.pos.to_string())
+                Ok(st.store_pos().to_string())
             }
             Pragma::CacheDb => db.cache_all().map(|n| n.to_string()),
             Pragma::CacheStats => Ok(stats_json(db)),
             Pragma::LastError => Ok(db.last_error.lock().clone().unwrap_or_default()),
-            Pragma::JournalModeWal => Err(Error::Unsupported(format!(
-                "database {:?}: litevfs does not write WAL databases; use journal_mode DELETE, TRUNCATE, PERSIST or MEMORY",
-                db.name
-            ))),
             Pragma::CacheSyncPeriod(_)
             | Pragma::MaxCachedPages(_)
             | Pragma::MinAvailableSpace(_)
@@ -232,10 +221,7 @@ mod tests {
             Pragma::parse("litevfs_max_prefetch_pages", Some("64")).unwrap(),
             Some(Pragma::MaxPrefetchPages(Some(64)))
         );
-        assert_eq!(
-            Pragma::parse("journal_mode", Some("wal")).unwrap(),
-            Some(Pragma::JournalModeWal)
-        );
+        assert_eq!(Pragma::parse("journal_mode", Some("wal")).unwrap(), None);
         assert_eq!(Pragma::parse("journal_mode", Some("delete")).unwrap(), None);
         assert_eq!(Pragma::parse("page_size", None).unwrap(), None);
     }

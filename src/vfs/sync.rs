@@ -55,7 +55,7 @@ pub fn poller(client: Arc<Client>, databases: impl Fn() -> Vec<Arc<Database>>) {
         };
         let positions: BTreeMap<String, _> = dbs
             .iter()
-            .map(|d| (d.name.clone(), d.state.lock().pos))
+            .map(|d| (d.name.clone(), d.state.lock().store_pos()))
             .collect();
         for d in &dbs {
             d.state.lock().watched = long_poll;

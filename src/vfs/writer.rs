@@ -16,12 +16,16 @@ use super::error::{Error, Result};
 use super::lock::ConnId;
 use super::spill::{DirtyPages, SpillBuf};
 use crate::ltx::valid_page_size;
-use crate::wire::ErrorCode;
+use crate::wire::{ErrorCode, Pos};
 
 impl Database {
     /// Writes whole pages of the main database file inside the connection's write transaction.
     pub fn write(&self, me: ConnId, offset: u64, data: &[u8]) -> Result<()> {
         let mut st = self.state.lock();
+        if st.shm.mapped(me) {
+            drop(st);
+            return self.checkpoint_write(offset, data);
+        }
         let w = self.own_write(&mut st, me)?;
         if w.page_size == 0 && offset == 0 && valid_page_size(data.len() as u32) {
             w.page_size = data.len() as u32;
@@ -42,7 +46,13 @@ impl Database {
     }
 
     /// Connection `me`'s write transaction; writing without one means writing without the lease.
+    /// A connection that took EXCLUSIVE in WAL mode and left it (`PRAGMA journal_mode`) starts
+    /// one here, under the same checks as at RESERVED.
     fn own_write<'s>(&self, st: &'s mut State, me: ConnId) -> Result<&'s mut WriteTxn> {
+        if st.write.is_none() && st.locks.writes(me) && !st.shm.mapped(me) {
+            self.check_writable(st)?;
+            self.start_write(st, me);
+        }
         st.write
             .as_mut()
             .filter(|w| w.owner == me)
@@ -52,6 +62,10 @@ impl Database {
     /// Truncates the main database file inside the write transaction (VACUUM, auto-vacuum).
     pub fn truncate(&self, me: ConnId, bytes: u64) -> Result<()> {
         let mut st = self.state.lock();
+        if st.shm.mapped(me) {
+            drop(st);
+            return self.checkpoint_truncate(bytes);
+        }
         let w = self.own_write(&mut st, me)?;
         if w.page_size == 0 {
             return Ok(());
@@ -68,7 +82,7 @@ impl Database {
             return Ok(w.size as u64 * w.page_size as u64);
         }
         self.ensure_size(&mut st)?;
-        Ok(st.size as u64 * st.page_size as u64)
+        Ok(st.main_size() as u64 * st.page_size as u64)
     }
 
     /// The journal of this database was finalised (deleted, truncated, or its header zeroed):
@@ -119,60 +133,17 @@ impl Database {
             size: if st.pos.is_zero() { 0 } else { st.size },
             page_size,
         };
-        let mut ltx = SpillBuf::new(self.spill.clone());
-        let Some(mut built) = self.build(st, &base, &dirty, new_size, &mut ltx)? else {
+        let prepared = {
+            let mut committed = |pgnos: &[Pgno]| self.committed_pages(st, pgnos);
+            self.prepare(&base, &mut dirty, new_size, &mut committed)?
+        };
+        let Some((built, ltx)) = prepared else {
             return Ok(false);
         };
-        if !base.pos.is_zero() {
-            let old1 = self.committed_pages(st, &[Pgno::ONE])?.remove(&Pgno::ONE);
-            let mut new1 = vec![0u8; page_size as usize];
-            let page1 = if dirty.get(Pgno::ONE, &mut new1)? {
-                Some(new1)
-            } else {
-                old1.clone()
-            };
-            if let Some(p1) = commit::bump_change_counter(old1.as_ref(), page1.as_ref()) {
-                // SQLite did not move the change counter (exclusive locking mode): move it, or
-                // other processes' SQLite would keep stale pages in its own cache.
-                dirty.insert(Pgno::ONE, &p1)?;
-                ltx = SpillBuf::new(self.spill.clone());
-                built = self
-                    .build(st, &base, &dirty, new_size, &mut ltx)?
-                    .expect("page 1 changed");
-            }
-        }
-        self.refresh_lease();
-        let lease_id = self
-            .lease
-            .lock()
-            .as_ref()
-            .filter(|l| l.is_live())
-            .map(|l| l.id.clone());
-        let lease_id = lease_id.ok_or_else(|| Error::NoLease(self.name.clone()))?;
+        let lease_id = self.live_lease()?;
         self.stats.requests.fetch_add(1, Relaxed);
         if let Err(e) = self.ship(base.pos, built.pos, &lease_id, &ltx) {
-            if matches!(e, Error::CommitUnknown { .. }) {
-                st.unsettled = Some(built.pos);
-            }
-            // Moved elsewhere, or unknown: the next transaction must learn the store's position.
-            if matches!(
-                e,
-                Error::Client(super::client::ClientError::PosMismatch { .. })
-                    | Error::CommitUnknown { .. }
-            ) {
-                st.stale = true;
-            }
-            if let Error::Client(c) = &e
-                && matches!(
-                    c.api_code(),
-                    Some(ErrorCode::NoLease | ErrorCode::LeaseMismatch)
-                )
-            {
-                // The store no longer knows our lease: later writes need a new one.
-                tracing::warn!(db = %self.name, "the write lease was lost: {c}");
-                *self.lease.lock() = None;
-            }
-            return Err(e);
+            return Err(self.ship_failed(st, e, built.pos));
         }
         tracing::debug!(db = %self.name, pos = %built.pos, pages = built.pages, bytes = ltx.len(), "committed");
         drop(ltx);
@@ -187,17 +158,77 @@ impl Database {
         Ok(true)
     }
 
-    /// [`commit::build`] with the committed pages read through the cache.
-    fn build(
+    /// The LTX of a transaction from `base` to the pages of `dirty` and `new_size`, or `None`
+    /// when it changes nothing. `committed` gives the content of pages at `base`. Page 1's
+    /// change counter is moved when SQLite left it (exclusive locking mode, WAL mode): the
+    /// patched page 1 is then in `dirty`.
+    pub(super) fn prepare(
         &self,
-        st: &mut State,
         base: &Base,
-        dirty: &DirtyPages,
+        dirty: &mut DirtyPages,
         new_size: u32,
-        out: &mut SpillBuf,
-    ) -> Result<Option<commit::Built>> {
-        let mut committed = |pgnos: &[Pgno]| self.committed_pages(st, pgnos);
-        commit::build(base, dirty, new_size, &mut committed, out)
+        committed: &mut commit::Committed<'_>,
+    ) -> Result<Option<(commit::Built, SpillBuf)>> {
+        let mut ltx = SpillBuf::new(self.spill.clone());
+        let Some(mut built) = commit::build(base, dirty, new_size, committed, &mut ltx)? else {
+            return Ok(None);
+        };
+        if !base.pos.is_zero() {
+            let old1 = committed(&[Pgno::ONE])?.remove(&Pgno::ONE);
+            let mut new1 = vec![0u8; base.page_size as usize];
+            let page1 = if dirty.get(Pgno::ONE, &mut new1)? {
+                Some(new1)
+            } else {
+                old1.clone()
+            };
+            if let Some(p1) = commit::bump_change_counter(old1.as_ref(), page1.as_ref()) {
+                // Without a moved change counter, other processes' SQLite would keep stale
+                // pages in its own cache.
+                dirty.insert(Pgno::ONE, &p1)?;
+                ltx = SpillBuf::new(self.spill.clone());
+                built = commit::build(base, dirty, new_size, committed, &mut ltx)?
+                    .expect("page 1 changed");
+            }
+        }
+        Ok(Some((built, ltx)))
+    }
+
+    /// The id of the live write lease, renewed first when due.
+    pub(super) fn live_lease(&self) -> Result<String> {
+        self.refresh_lease();
+        let lease_id = self
+            .lease
+            .lock()
+            .as_ref()
+            .filter(|l| l.is_live())
+            .map(|l| l.id.clone());
+        lease_id.ok_or_else(|| Error::NoLease(self.name.clone()))
+    }
+
+    /// What a failed upload of the commit to `after` means for the database; returns the error.
+    pub(super) fn ship_failed(&self, st: &mut State, e: Error, after: Pos) -> Error {
+        if matches!(e, Error::CommitUnknown { .. }) {
+            st.unsettled = Some(after);
+        }
+        // Moved elsewhere, or unknown: the next transaction must learn the store's position.
+        if matches!(
+            e,
+            Error::Client(super::client::ClientError::PosMismatch { .. })
+                | Error::CommitUnknown { .. }
+        ) {
+            st.stale = true;
+        }
+        if let Error::Client(c) = &e
+            && matches!(
+                c.api_code(),
+                Some(ErrorCode::NoLease | ErrorCode::LeaseMismatch)
+            )
+        {
+            // The store no longer knows our lease: later writes need a new one.
+            tracing::warn!(db = %self.name, "the write lease was lost: {c}");
+            *self.lease.lock() = None;
+        }
+        e
     }
 
     /// Puts a committed transaction's pages into the cache. One that spilled to disk is too

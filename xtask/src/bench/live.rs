@@ -186,6 +186,34 @@ pub fn commits(ctx: &Ctx, db: &DbFile, url: Option<&str>, rep: &mut Report) -> R
     commits_as(ctx, db, url, rep, COMMITS, "")
 }
 
+/// The commit rate in WAL mode (issue 11): litevfs against plain SQLite in WAL mode, at
+/// `synchronous = NORMAL` and `FULL`, on a database of its own (`db` is imported as `walc`).
+pub fn commits_wal(
+    ctx: &Ctx,
+    db: &DbFile,
+    url: Option<&str>,
+    rep: &mut Report,
+) -> Result<(), Error> {
+    for sync in ["NORMAL", "FULL"] {
+        let mode = Mode {
+            name: "walc",
+            setup: format!("exec PRAGMA journal_mode=WAL; PRAGMA synchronous={sync};"),
+            on_litevfs: true,
+        };
+        let label = format!(", WAL synchronous={sync}");
+        commits_in(ctx, db, url, rep, COMMITS, &label, &mode)?;
+    }
+    Ok(())
+}
+
+/// Which store database a commit workload writes, and the SQL that sets its journal mode (on
+/// the plain side always; on litevfs when `on_litevfs`).
+struct Mode {
+    name: &'static str,
+    setup: String,
+    on_litevfs: bool,
+}
+
 /// The commit rate; rows go to `group`, their names end with `label`.
 pub fn commits_as(
     ctx: &Ctx,
@@ -195,17 +223,37 @@ pub fn commits_as(
     group: &'static str,
     label: &str,
 ) -> Result<(), Error> {
+    let mode = Mode {
+        name: "commits",
+        setup: PLAIN_DURABLE.into(),
+        on_litevfs: false,
+    };
+    commits_in(ctx, db, url, rep, group, label, &mode)
+}
+
+fn commits_in(
+    ctx: &Ctx,
+    db: &DbFile,
+    url: Option<&str>,
+    rep: &mut Report,
+    group: &'static str,
+    label: &str,
+    mode: &Mode,
+) -> Result<(), Error> {
     let (mut plain, _) = ctx.drv.plain(&db.path)?;
-    plain.cmd(PLAIN_DURABLE)?;
+    plain.cmd(&mode.setup)?;
     let mut lv = match url {
         Some(u) => Side::from(ctx.drv.litevfs(
-            "commits",
+            mode.name,
             u,
-            &ctx.dir(&format!("cache-commits-{}", rand_tag(u))),
+            &ctx.dir(&format!("cache-{}-{}", mode.name, rand_tag(u))),
         )),
         None => Side::off(ctx.lv_missing.as_deref().unwrap_or("?")),
     };
     lv.run(|s| s.cmd("pragma litevfs_acquire_lease"));
+    if mode.on_litevfs {
+        lv.run(|s| s.cmd(&mode.setup));
+    }
     if let Some(j) = lv.run(|s| s.cmd("pragma journal_mode")) {
         rep.notes
             .push(format!("{group}: litevfs journal mode: {}", j.text()));

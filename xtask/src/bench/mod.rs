@@ -164,6 +164,7 @@ fn phases(c: &mut Ctx, rep: &mut Report, py: &std::path::Path) -> Result<targets
     let big = c.generate("big", c.p.big_rows, c.p.big_payload)?;
     let vis = c.generate("vis", 1000, 100)?;
     let commits = c.generate("commits", 1000, 100)?;
+    let walc = c.generate("walc", 1000, 100)?;
     rep.notes.push(format!(
         "warm db {:.1} MB = {:.0}x SQLite's 2000 KiB page cache; big db {:.1} MB ({:.2} GiB), b-tree depth {}",
         warm.bytes as f64 / 1e6,
@@ -184,10 +185,15 @@ fn phases(c: &mut Ctx, rep: &mut Report, py: &std::path::Path) -> Result<targets
     phase_bulk(
         c,
         rep,
-        &[(&warm, "warm"), (&vis, "vis"), (&commits, "commits")],
+        &[
+            (&warm, "warm"),
+            (&vis, "vis"),
+            (&commits, "commits"),
+            (&walc, "walc"),
+        ],
         &big,
     )?;
-    phase_warm(c, rep, &warm, &vis, &commits)?;
+    phase_warm(c, rep, &warm, &vis, (&commits, &walc))?;
     phase_cold(c, rep, &big, 0)?;
     phase_cold(c, rep, &big, c.p.delay_ms)?;
     phase_bucket(c, rep, py, (&vis, &commits, &big));
@@ -263,7 +269,7 @@ fn phase_warm(
     rep: &mut Report,
     warm: &DbFile,
     vis: &DbFile,
-    commits: &DbFile,
+    (commits, walc): (&DbFile, &DbFile),
 ) -> Result<(), Error> {
     println!("\n==> phase 2: workload 1 (warm reads), then 3 (change visibility) and 4 (commits)");
     let s = server(c, 0);
@@ -287,6 +293,10 @@ fn phase_warm(
     }
     println!("    workload 4: commits");
     if let Err(e) = live::commits(c, commits, url, rep) {
+        rep.fail(live::COMMITS, e);
+    }
+    println!("    workload 4: commits in WAL mode");
+    if let Err(e) = live::commits_wal(c, walc, url, rep) {
         rep.fail(live::COMMITS, e);
     }
     Ok(())

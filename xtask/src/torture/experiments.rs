@@ -135,13 +135,19 @@ pub fn writer_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
     while t.trials == 0 || Instant::now() < deadline {
         let first = last_ack;
         // Every other writer keeps nothing of its transactions in memory: its pages, journal
-        // and LTX live in spill files when it is killed.
-        let spill: &[(&str, &str)] = if t.trials % 2 == 1 {
-            &[("LITEVFS_TXN_MEMORY", "0")]
+        // (or WAL) and LTX live in spill files when it is killed. Every other pair of writers
+        // runs in WAL mode (issue 11), so the database also goes back and forth.
+        let spill = if t.trials % 2 == 1 { "0" } else { "16MiB" };
+        let mode = if (t.trials / 2) % 2 == 1 {
+            "wal"
         } else {
-            &[]
+            "delete"
         };
-        let mut w = Worker::spawn_with(ctx, &url, &cache, &["writer", "wk", ROWS], spill)?;
+        let env = [
+            ("LITEVFS_TXN_MEMORY", spill),
+            ("TORTURE_JOURNAL_MODE", mode),
+        ];
+        let mut w = Worker::spawn_with(ctx, &url, &cache, &["writer", "wk", ROWS], &env)?;
         if w.expect("ack ", LONG).is_none() {
             t.notes
                 .push(format!("a writer never committed: {:?}", w.seen.last()));
@@ -431,30 +437,41 @@ pub fn lost_replies(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally,
 /// Four readers check an invariant (100 accounts, constant total) in a loop while a writer
 /// commits transfers.
 pub fn readers(ctx: &Ctx, budget: Duration, _rng: &mut Rng) -> Result<Tally, Error> {
+    readers_in(ctx, budget, "readers", "delete")
+}
+
+/// [`readers`] with the writer switching the database to WAL first (issue 11): the readers, in
+/// other processes, follow it into WAL mode and read each commit from there.
+pub fn readers_wal(ctx: &Ctx, budget: Duration, _rng: &mut Rng) -> Result<Tally, Error> {
+    readers_in(ctx, budget, "readers-wal", "wal")
+}
+
+fn readers_in(ctx: &Ctx, budget: Duration, name: &str, mode: &str) -> Result<Tally, Error> {
     let mut t = Tally::default();
-    let store = Store::start(ctx, "readers", &[])?;
+    let store = Store::start(ctx, name, &[])?;
     let url = store.url();
     let init = run_worker(
         ctx,
         &url,
-        &ctx.subdir("readers-init"),
+        &ctx.subdir(&format!("{name}-init")),
         &["bank", "bk", "init"],
     )?;
     if init != "ok" {
         return Err(Error(format!("bank init: {init}")));
     }
-    let writer = Worker::spawn(
+    let writer = Worker::spawn_with(
         ctx,
         &url,
-        &ctx.subdir("readers-w"),
+        &ctx.subdir(&format!("{name}-w")),
         &["bank", "bk", "transfer"],
+        &[("TORTURE_JOURNAL_MODE", mode)],
     )?;
     let audits: Vec<Worker> = (0..4)
         .map(|i| {
             Worker::spawn(
                 ctx,
                 &url,
-                &ctx.subdir(&format!("readers-r{i}")),
+                &ctx.subdir(&format!("{name}-r{i}")),
                 &["bank", "bk", "audit"],
             )
         })

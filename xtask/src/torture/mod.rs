@@ -5,14 +5,16 @@
 //! one table and fails on any lost or torn commit, double lease holder, wrong result, crash or
 //! 5xx. Experiments (names for `--only`):
 //!
-//! - `writer-kill`: kill -9 of a writer at random moments of its commit loop.
+//! - `writer-kill`: kill -9 of a writer at random moments of its commit loop (rollback journal
+//!   and WAL).
 //! - `server-kill`: kill -9 of the page store under a writer, restarted on its data directory.
 //! - `server-kill-s3`: the same with `--store s3://` on moto's S3 server (from `.venv`), a third
 //!   of the restarts on an empty data directory.
 //! - `lease-race`: processes racing for the lease to increment one counter.
 //! - `stopped-holder`: a lease holder stopped (SIGSTOP) past its lease, resumed, committing.
 //! - `lost-replies`: a proxy that loses commits and their replies.
-//! - `readers`: readers checking an invariant while a writer commits.
+//! - `readers`: readers checking an invariant while a writer commits; `readers-wal`: the same
+//!   with the database in WAL mode.
 //! - `cache-corruption`: bytes of a process's page cache flipped between runs.
 //! - `fuzz-ltx`: mutated LTX files (seeded from the spec's vectors) against a live store.
 //! - `fuzz-http`: malformed requests against a live store.
@@ -62,6 +64,7 @@ const EXPERIMENTS: &[(&str, u32, Experiment)] = &[
     ("stopped-holder", 8, experiments::stopped_holder),
     ("lost-replies", 10, experiments::lost_replies),
     ("readers", 10, experiments::readers),
+    ("readers-wal", 10, experiments::readers_wal),
     ("cache-corruption", 5, experiments::cache_corruption),
     ("fuzz-ltx", 12, fuzz::ltx),
     ("fuzz-http", 8, fuzz::http_requests),
