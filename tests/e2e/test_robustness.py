@@ -110,9 +110,15 @@ while True:
 """
 
 
-def test_kill_9_of_a_writer_in_a_loop_of_transactions(server, env, agent):
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_kill_9_of_a_writer_in_a_loop_of_transactions(server, env, agent, mode):
+    writer = WRITER
+    if mode == "wal":
+        # In WAL mode each commit is uploaded at its commit frame (issue 11, point 5).
+        writer = WRITER.replace('c.execute("create table', 'c.execute("pragma journal_mode = wal")\nc.execute("create table', 1)
+        assert writer != WRITER
     for round_ in range(3):
-        w = subprocess.Popen([sys.executable, "-c", WRITER], env=env(), stdout=subprocess.PIPE, text=True)
+        w = subprocess.Popen([sys.executable, "-c", writer], env=env(), stdout=subprocess.PIPE, text=True)
         committed = 0
         deadline = time.monotonic() + HANG_GUARD
         while committed < 5 + 3 * round_ and time.monotonic() < deadline:
@@ -126,6 +132,7 @@ def test_kill_9_of_a_writer_in_a_loop_of_transactions(server, env, agent):
         for line in w.stdout:
             committed = int(line)
         r = agent()
+        assert r.one("k9", "pragma journal_mode") == mode
         assert r.one("k9", "pragma integrity_check") == "ok"
         groups = r.sql("k9", "select txn, count(*) from t group by txn order by txn")
         assert all(n == 20 for _, n in groups), "a transaction is all there or not at all"

@@ -1,6 +1,6 @@
 """WAL-mode databases: written under the lease, each commit uploaded at its commit frame,
 checkpoints local, readers in one process on their snapshots, other processes as with a
-rollback journal, kill -9 safe."""
+rollback journal. (The kill -9 loop runs in WAL mode too: test_robustness.py.)"""
 
 import json
 import sqlite3
@@ -11,7 +11,6 @@ import time
 import pytest
 
 from conftest import BIN, HANG_GUARD, shell
-from test_robustness import WRITER
 
 
 def export(env, name, path):
@@ -242,32 +241,6 @@ def test_readers_go_on_while_a_writer_commits(server, env):
     print(f"\nWAL concurrency: {out}")
     assert out["n_errors"] == 0, out
     assert out["odd"] == [] and out["backwards"] == [], out
-
-
-def test_kill_9_of_a_wal_writer_in_a_loop_of_transactions(server, env, agent):
-    writer = WRITER.replace('c.execute("create table', 'c.execute("pragma journal_mode = wal")\nc.execute("create table', 1)
-    assert writer != WRITER
-    for round_ in range(3):
-        w = subprocess.Popen([sys.executable, "-c", writer], env=env(), stdout=subprocess.PIPE, text=True)
-        committed = 0
-        deadline = time.monotonic() + HANG_GUARD
-        while committed < 5 + 3 * round_ and time.monotonic() < deadline:
-            line = w.stdout.readline()
-            assert line, "writer died"
-            committed = int(line)
-        w.kill()
-        w.wait()
-        for line in w.stdout:
-            committed = int(line)
-        r = agent()
-        assert r.one("k9", "pragma journal_mode") == "wal"
-        assert r.one("k9", "pragma integrity_check") == "ok"
-        groups = r.sql("k9", "select txn, count(*) from t group by txn order by txn")
-        assert all(n == 20 for _, n in groups), "a transaction is all there or not at all"
-        txns = [t for t, _ in groups]
-        assert txns == list(range(1, len(txns) + 1))
-        assert committed <= len(txns) <= committed + 1
-        r.kill()
 
 
 def test_wal_in_exclusive_locking_mode(server, env):
