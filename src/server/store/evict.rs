@@ -102,21 +102,22 @@ impl Store {
 
     /// Returns free pages of `store.db` to the file system and truncates its log.
     fn give_back(&self) -> StoreResult<()> {
-        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        // The pragma frees one page per step (each step yields a row), so it is stepped to
-        // the end; `execute_batch` would step it once and free a single page.
-        let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
-        drop(rows);
-        drop(stmt);
+        let writer = || self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let conn = writer();
+            // The pragma frees one page per step (each step yields a row), so it is stepped to
+            // the end; `execute_batch` would step it once and free a single page.
+            let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+        }
         // Busy at once when the checkpoint thread is running a passive checkpoint (the
-        // checkpoint lock has no busy handler): try again for a moment, or every batch of the
-        // pass would pile its moves onto the log. Busy for longer (a long read is open) is
-        // fine: the log is cut at a later pass.
+        // checkpoint lock has no busy handler): try again for a moment, without holding the
+        // writer meanwhile, or every batch of the pass would pile its moves onto the log. Busy
+        // for longer (a long read is open) is fine: the log is cut at a later pass.
         for _ in 0..GIVE_BACK_TRIES {
             let busy: rusqlite::Result<i64> =
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0));
+                writer().query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0));
             if !matches!(busy, Ok(1)) {
                 break;
             }
