@@ -1,5 +1,6 @@
 //! The `litevfs` binary: `litevfs serve` runs the page store, `litevfs repack` compacts a stopped
-//! one; the other subcommands administer a running store over its HTTP API.
+//! one, `litevfs backup` copies one; the other subcommands administer a running store over its
+//! HTTP API.
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,9 @@ enum Command {
     /// Rewrite a stopped store's store.db compactly: 32 KiB store pages (stores created before
     /// them take up to twice their data) and no free pages. Needs free disk for one copy.
     Repack(litevfs::server::RepackArgs),
+    /// Copy a local store (store.db and its object files) into a new directory, consistently,
+    /// while its server runs or not; the copy is a data directory to serve or keep.
+    Backup(litevfs::server::BackupArgs),
     #[command(flatten)]
     Admin(litevfs::admin::AdminCommand),
 }
@@ -27,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => litevfs::server::run(*args),
         Command::Repack(args) => litevfs::server::repack(args),
+        Command::Backup(args) => litevfs::server::backup(args),
         Command::Admin(cmd) => litevfs::admin::run(cmd),
     }
 }

@@ -569,7 +569,9 @@ fn repack_rewrites_an_old_store_compactly_and_keeps_everything() {
         assert_eq!(mode, "wal");
     }
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    make_sized_db(&a, 12 << 20);
+    // Under 8 MiB each: a larger upload keeps its pages in a file of `objects/`, which a repack
+    // leaves as it is.
+    make_sized_db(&a, 6 << 20);
     make_db(&b, 900);
     let data_bytes =
         std::fs::metadata(&a).unwrap().len() * 2 + std::fs::metadata(&b).unwrap().len();
@@ -640,4 +642,85 @@ fn repack_rewrites_an_old_store_compactly_and_keeps_everything() {
     assert!(!none.status.success());
     let err = String::from_utf8_lossy(&none.stderr);
     assert!(err.contains("holds no store"), "{err}");
+}
+
+fn backup(data: &Path, dest: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_litevfs"))
+        .args(["backup", "--data-dir", data.to_str().unwrap()])
+        .arg(dest)
+        .env_remove("LITEVFS_DATA_DIR")
+        .output()
+        .expect("run litevfs backup")
+}
+
+/// `litevfs backup` copies a local store while its server runs and commits, as one committed
+/// state: store.db and the object files it names. The copy serves every database it holds.
+#[test]
+fn backup_of_a_running_store_is_consistent_and_serves() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    // Over 8 MiB: kept in an object file; under: rows of store.db.
+    make_sized_db(&a, 12 << 20);
+    make_db(&b, 900);
+    let flags = ["--retention", "200ms", "--compaction-interval", "100ms"];
+    let server = Server::start_in(&data, &flags);
+    ok(&server, &["import", "big", a.to_str().unwrap()]);
+    ok(&server, &["import", "small", b.to_str().unwrap()]);
+    ok(&server, &["import", "gone", a.to_str().unwrap()]);
+    ok(&server, &["delete", "gone"]);
+    // Imports keep landing (and retention keeps dropping versions) while the backup runs.
+    let stop = AtomicBool::new(false);
+    let dest = dir.path().join("copy");
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) || n < 3 {
+                let f = if n % 2 == 0 { &a } else { &b };
+                ok(&server, &["import", "busy", f.to_str().unwrap()]);
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let out = backup(&data, &dest);
+        stop.store(true, Ordering::Relaxed);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("object file(s)"), "{stdout}");
+        assert!(writer.join().unwrap() >= 3);
+    });
+    // Into a directory that is not empty, or from one without a store: refused, nothing written.
+    let again = backup(&data, &dest);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("not empty"), "{err}");
+    let none = backup(&dir.path().join("nothing"), &dir.path().join("c2"));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        !none.status.success() && err.contains("holds no store"),
+        "{err}"
+    );
+    assert!(!dir.path().join("c2").exists());
+    drop(server);
+
+    let copy = Server::start_in(&dest, &[]);
+    let list = ok(&copy, &["list"]);
+    assert!(list.contains("big") && list.contains("small") && list.contains("busy"));
+    assert!(!list.contains("gone"), "{list}");
+    let out = dir.path().join("out.db");
+    ok(&copy, &["export", "big", out.to_str().unwrap()]);
+    assert!(same_files(&out, &a));
+    ok(
+        &copy,
+        &["export", "small", out.to_str().unwrap(), "--force"],
+    );
+    assert!(same_files(&out, &b));
+    ok(&copy, &["export", "busy", out.to_str().unwrap(), "--force"]);
+    assert!(same_files(&out, &a) || same_files(&out, &b));
 }

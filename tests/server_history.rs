@@ -855,18 +855,21 @@ fn upload_of_truncated_sqlite_file_is_refused() {
     assert_eq!(api.pos("cut"), before);
 }
 
-/// One large transaction (an upload, a big commit, a compaction) grows the write-ahead log to
-/// its size; later transactions must bring it back down instead of keeping that much disk
-/// forever.
+/// One large transaction (a big commit, a compaction) grows the write-ahead log to its size;
+/// later transactions must bring it back down instead of keeping that much disk forever.
 #[test]
-fn write_ahead_log_shrinks_after_a_large_upload() {
+fn write_ahead_log_shrinks_after_a_large_transaction() {
     let s = Server::start(&[]);
     let api = s.api();
-    api.post("/db/upload", &[("db", "big")], fake_sqlite(6_000))
-        .ok();
+    // 24.6 MB of pages in one LTX file (an upload no longer goes through the log).
+    let mut big = Model::new(4096);
+    let pages: Vec<(u32, Vec<u8>)> = (1..=6_000u32)
+        .map(|p| (p, fake_sqlite(1).iter().map(|b| b ^ p as u8).collect()))
+        .collect();
+    big.commit(&api, "big", 6_000, &pages);
     let wal = s.dir.join("store.db-wal");
     let size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
-    assert!(size() > 20 << 20, "the upload went through the log");
+    assert!(size() > 20 << 20, "the commit went through the log");
     let mut m = Model::new(512);
     let mut i = 0u8;
     let shrunk = eventually(|| {
@@ -884,6 +887,157 @@ fn write_ahead_log_shrinks_after_a_large_upload() {
         stored < data * 5 / 4,
         "{stored} bytes on disk for {data} bytes of pages"
     );
+}
+
+/// The object files of a local store: (file name, length, bytes allocated on disk).
+fn object_files(dir: &std::path::Path) -> Vec<(String, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<_> = std::fs::read_dir(dir.join("objects"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                m.len(),
+                m.blocks() * 512,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// An image whose pages differ from `fake_sqlite(n)`'s where `changed` says so (page 1 past
+/// its header).
+fn edited(n: u32, changed: impl Fn(u32) -> bool, salt: u8) -> Vec<u8> {
+    let mut img = fake_sqlite(n);
+    for p in 1..=n {
+        if changed(p) {
+            let at = (p as usize - 1) * 4096 + if p == 1 { 100 } else { 0 };
+            let end = p as usize * 4096;
+            img[at..end].iter_mut().for_each(|b| *b ^= salt);
+        }
+    }
+    img
+}
+
+/// Local store: a whole-database upload over the memory limit keeps its pages in the file it
+/// was received into (written once); `store.db` gets only index rows. Pages equal to their
+/// previous version, and versions retention drops, are punched out of the file; a file no
+/// version needs any more is removed, as are the files of a deleted database.
+#[test]
+fn uploads_keep_their_pages_in_object_files_and_give_space_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let flags = ["--retention", "200ms", "--compaction-interval", "100ms"];
+    let s = Server::start_in(&dir, &flags);
+    let api = s.api();
+    let n = 6_000u32;
+    let size = u64::from(n) * 4096;
+    let first = fake_sqlite(n);
+    api.post("/db/upload", &[("db", "big")], first.clone()).ok();
+    let files = object_files(&s.dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0].1, size);
+    let index = std::fs::metadata(s.dir.join("store.db")).unwrap().len()
+        + std::fs::metadata(s.dir.join("store.db-wal")).map_or(0, |m| m.len());
+    assert!(
+        index < size / 4,
+        "store.db and its log hold {index} bytes for {size} bytes of pages in a file"
+    );
+    let snap = |db: &str| {
+        api.get("/db/snapshot", &[("db", db), ("format", "sqlite")])
+            .ok()
+            .body
+    };
+    assert!(snap("big") == first);
+    let p = api
+        .get("/db/page", &[("db", "big"), ("pgno", "3000,3001,3002")])
+        .ok();
+    assert_eq!(p.status, 200);
+    // The same file again stores nothing, and keeps no file.
+    let before = api.pos("big");
+    api.post("/db/upload", &[("db", "big")], first.clone()).ok();
+    assert_ne!(api.pos("big"), before, "a new position all the same");
+    assert_eq!(object_files(&s.dir).len(), 1);
+    // Ten pages changed: a second file, all but those ten pages punched out of it, and the
+    // ten versions they replace punched out of the first once retention drops them.
+    let second = edited(n, |p| p % 600 == 0, 0x5a);
+    api.post("/db/upload", &[("db", "big")], second.clone())
+        .ok();
+    assert!(snap("big") == second);
+    let punched = eventually(|| {
+        let f = object_files(&s.dir);
+        f.len() == 2
+            && f.iter()
+                .any(|(_, len, used)| *len == size && *used < 1 << 20)
+    });
+    assert!(punched, "{:?}", object_files(&s.dir));
+    assert!(snap("big") == second);
+    // Every page changed: once retention drops the older versions, the first two files hold
+    // nothing any position needs and are removed.
+    let third = edited(n, |_| true, 0xa5);
+    api.post("/db/upload", &[("db", "big")], third.clone()).ok();
+    let removed = eventually(|| object_files(&s.dir).len() == 1);
+    assert!(removed, "{:?}", object_files(&s.dir));
+    assert!(snap("big") == third);
+    // A small commit on top compares against, and leaves, the pages in the file.
+    let mut m = Model::new(4096);
+    m.pos = api.pos("big").unwrap();
+    m.commit = n;
+    m.pages = (1..=n)
+        .map(|p| {
+            (
+                p,
+                third[(p as usize - 1) * 4096..p as usize * 4096].to_vec(),
+            )
+        })
+        .collect();
+    let mut p2 = third[4096..8192].to_vec();
+    p2[100] ^= 1;
+    m.commit(&api, "big", n, &[(2, p2.clone())]);
+    let mut fourth = third.clone();
+    fourth[4096..8192].copy_from_slice(&p2);
+    assert!(snap("big") == fourth);
+    // A restart keeps the file and serves the same bytes; leftovers of a crash are removed.
+    drop(api);
+    s.kill9();
+    std::fs::write(dir.join("objects/in-0123456789abcdef"), b"cut short").unwrap();
+    std::fs::write(dir.join("objects/999-0123456789abcdef"), b"never committed").unwrap();
+    let s = Server::start_in(&dir, &flags);
+    let api = s.api();
+    assert_eq!(object_files(&dir).len(), 1, "{:?}", object_files(&dir));
+    assert!(
+        api.get("/db/snapshot", &[("db", "big"), ("format", "sqlite")])
+            .ok()
+            .body
+            == fourth
+    );
+    // A deleted database's files go with it.
+    api.delete("/db", &[("db", "big")]).ok();
+    assert!(eventually(|| object_files(&dir).is_empty()));
+}
+
+/// A page whose bytes in an object file were damaged is never served: the read fails with
+/// the page named.
+#[test]
+fn a_damaged_object_file_fails_reads_instead_of_serving_bad_pages() {
+    use std::os::unix::fs::FileExt;
+    let s = Server::start(&[]);
+    let api = s.api();
+    api.post("/db/upload", &[("db", "d")], fake_sqlite(3_000))
+        .ok();
+    let files = object_files(&s.dir);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.dir.join("objects").join(&files[0].0))
+        .unwrap();
+    f.write_all_at(b"garbage", 1999 * 4096 + 10).unwrap();
+    let r = api.get("/db/page", &[("db", "d"), ("pgno", "2000")]);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("page 2000"), "{}", r.text());
+    api.get("/db/page", &[("db", "d"), ("pgno", "1999")]).ok();
 }
 
 // Every test above that is not a `#[test]` itself runs once per backend: local store.db,

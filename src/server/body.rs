@@ -36,6 +36,18 @@ pub const MEMORY_LIMIT: usize = 8 << 20;
 pub enum Spool {
     Memory(Vec<u8>),
     File(std::fs::File, u64),
+    /// Received into a file the store keeps as it is ([`SpoolTo::Store`]).
+    Incoming(crate::server::store::Incoming, u64),
+}
+
+/// Where a body over [`MEMORY_LIMIT`] goes.
+#[derive(Copy, Clone)]
+pub enum SpoolTo<'a> {
+    /// An anonymous temporary file in this directory.
+    Tmp(&'a Path),
+    /// A whole-database upload: the file the store keeps its pages in, where it has one
+    /// ([`crate::server::store::Store::incoming`]), else its temporary directory.
+    Store(&'a crate::server::store::Store),
 }
 
 impl Spool {
@@ -46,7 +58,7 @@ impl Spool {
     pub fn len(&self) -> u64 {
         match self {
             Spool::Memory(v) => v.len() as u64,
-            Spool::File(_, n) => *n,
+            Spool::File(_, n) | Spool::Incoming(_, n) => *n,
         }
     }
 
@@ -58,7 +70,23 @@ impl Spool {
                 f.seek(SeekFrom::Start(0))?;
                 Ok(Box::new(f))
             }
+            Spool::Incoming(inc, _) => Ok(Box::new(IncomingReader {
+                file: inc.reader()?,
+                _inc: inc,
+            })),
         }
+    }
+}
+
+/// Reads an incoming file, which is removed when the reader is dropped.
+struct IncomingReader {
+    file: std::fs::File,
+    _inc: crate::server::store::Incoming,
+}
+
+impl Read for IncomingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
     }
 }
 
@@ -235,14 +263,18 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Reads `body` (within `limit`, no byte more than `stall` after the previous), spilling to a
-/// temporary file in `tmp_dir` past [`MEMORY_LIMIT`].
+/// file (`to`) past [`MEMORY_LIMIT`].
 pub async fn spool(
     headers: &HeaderMap,
     body: Body,
     limit: Limit,
     stall: Duration,
-    tmp_dir: &Path,
+    to: SpoolTo<'_>,
 ) -> ApiResult<Spool> {
+    let tmp_dir = match to {
+        SpoolTo::Tmp(dir) => dir,
+        SpoolTo::Store(store) => store.tmp_dir(),
+    };
     let mut stream = body.into_data_stream();
     let declared = content_length(headers);
     let limit = match limit {
@@ -264,29 +296,43 @@ pub async fn spool(
     };
     let mut mem = Vec::new();
     let mut file: Option<(std::fs::File, u64)> = None;
+    let mut incoming = None;
     while let Some(chunk) = next_chunk(&mut stream, stall).await? {
         let total = file.as_ref().map_or(mem.len() as u64, |f| f.1) + chunk.len() as u64;
         if total > limit {
             return Err(too_large(limit));
         }
         if file.is_none() && total as usize > MEMORY_LIMIT {
-            let mut f = tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?;
+            let mut f = match to {
+                SpoolTo::Store(store) => match store.incoming() {
+                    Some(inc) => {
+                        let inc = inc.map_err(ApiError::internal)?;
+                        let f = inc.file().try_clone().map_err(ApiError::internal)?;
+                        incoming = Some(inc);
+                        f
+                    }
+                    None => tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?,
+                },
+                SpoolTo::Tmp(_) => tempfile::tempfile_in(tmp_dir).map_err(ApiError::internal)?,
+            };
             f.write_all(&mem).map_err(spool_write_error)?;
             file = Some((f, mem.len() as u64));
             mem = Vec::new();
         }
         match file.as_mut() {
             Some((f, n)) => {
-                // Small synchronous writes into the page cache; the file is never fsynced.
+                // Small synchronous writes into the page cache; the store syncs a file it
+                // keeps, a temporary one is never synced.
                 tokio::task::block_in_place(|| f.write_all(&chunk)).map_err(spool_write_error)?;
                 *n += chunk.len() as u64;
             }
             None => mem.extend_from_slice(&chunk),
         }
     }
-    Ok(match file {
-        Some((f, n)) => Spool::File(f, n),
-        None => Spool::Memory(mem),
+    Ok(match (file, incoming) {
+        (Some((_, n)), Some(inc)) => Spool::Incoming(inc, n),
+        (Some((f, n)), None) => Spool::File(f, n),
+        (None, _) => Spool::Memory(mem),
     })
 }
 

@@ -74,6 +74,36 @@ pub fn repack(args: RepackArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Arguments of `litevfs backup`.
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    /// The data directory of a local store, its server running or not.
+    #[arg(long, env = "LITEVFS_DATA_DIR", default_value = "./litevfs-data")]
+    pub data_dir: std::path::PathBuf,
+    /// Where the copy goes: a new or empty directory, usable as a data directory.
+    pub dest: std::path::PathBuf,
+}
+
+/// Runs `litevfs backup`: a consistent copy of a local store ([`store::backup`]).
+pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let b = store::backup::backup(&args.data_dir, &args.dest).with_context(|| {
+        format!(
+            "backing up the store in {} to {}",
+            args.data_dir.display(),
+            args.dest.display()
+        )
+    })?;
+    println!(
+        "backed up {} to {}: store.db {:.1} MB, {} object file(s) with {:.1} MB of pages",
+        args.data_dir.display(),
+        args.dest.display(),
+        b.store_bytes as f64 / 1e6,
+        b.objects,
+        b.object_bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
 /// Keeps the resident memory of large transfers bounded. glibc's allocator raises its mmap
 /// threshold each time a large buffer is freed, after which megabyte-sized buffers (snapshot
 /// batches, multipart parts) come from per-thread arenas that seldom give memory back, so each

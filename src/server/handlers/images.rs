@@ -26,6 +26,7 @@ use super::{blocking, db_key, parse_txid, spool_body, writable_db_key};
 use crate::ltx::{HEADER_SIZE, TRAILER_SIZE, lock_page};
 use crate::server::App;
 use crate::server::auth::{Caller, Params};
+use crate::server::body::Spool;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics::Metrics;
 use crate::server::store::{Format, RestoreTarget, SnapshotPlan};
@@ -164,9 +165,13 @@ pub async fn post_upload(
     let limit = crate::server::body::Limit::FreeSpace;
     let spooled = spool_body(&app, &headers, body, limit).await?;
     let store = app.store.clone();
-    let pos = blocking(move || {
-        let len = spooled.len();
-        store.upload(&key, len, spooled.into_reader()?)
+    let pos = blocking(move || match spooled {
+        // Local mode, over the memory limit: the received file is kept as it is.
+        Spool::Incoming(inc, len) => store.upload_file(&key, len, inc),
+        other => {
+            let len = other.len();
+            store.upload(&key, len, other.into_reader()?)
+        }
     })
     .await?;
     Metrics::add(&app.metrics.uploads, 1);

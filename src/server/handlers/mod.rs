@@ -52,14 +52,14 @@ pub async fn spool_body(
     body: axum::body::Body,
     limit: crate::server::body::Limit,
 ) -> ApiResult<crate::server::body::Spool> {
-    crate::server::body::spool(
-        headers,
-        body,
-        limit,
-        app.config.stall_timeout,
-        app.store.tmp_dir(),
-    )
-    .await
+    // A whole database goes where the store keeps it; a transaction is spooled.
+    let to = match limit {
+        crate::server::body::Limit::FreeSpace => crate::server::body::SpoolTo::Store(&app.store),
+        crate::server::body::Limit::Bytes(_) => {
+            crate::server::body::SpoolTo::Tmp(app.store.tmp_dir())
+        }
+    };
+    crate::server::body::spool(headers, body, limit, app.config.stall_timeout, to).await
 }
 
 /// A position string `<16 hex>/<16 hex>` (400 `EBADPOS` otherwise).

@@ -44,7 +44,10 @@ impl Store {
             None => {
                 let applied = self.write(|tx| {
                     self.leases.check_write(key, lease)?;
-                    commit_rows(tx, key, |head, sink| verify::ltx(head, len, body, sink))
+                    let c = commit_rows(tx, key, &self.local(), None, |head, sink| {
+                        verify::ltx(head, len, body, sink)
+                    })?;
+                    Ok((c.row, c.stored))
                 })?;
                 self.notify();
                 applied

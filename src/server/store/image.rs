@@ -16,7 +16,7 @@ use super::read::plan_in;
 use super::remote::{Need, Remote, RemoteBytes};
 use super::verify::PageSink;
 use super::{
-    DbKey, Fetch, LocalBytes, SnapshotPlan, Store, StoreError, StoreResult, TXN_COLS, TxnRow,
+    DbKey, Fetch, Incoming, SnapshotPlan, Store, StoreError, StoreResult, TXN_COLS, TxnRow,
     commit_rows, find_db, head, page_version, txn_at, txn_from_row, verify,
 };
 use crate::dbfile::DbHeader;
@@ -66,7 +66,7 @@ impl Store {
             return self.read(|tx| {
                 let plan = plan_in(tx, key, txid)?;
                 match start(&plan) {
-                    Some(out) => write_image(tx, &plan, format, out, &LocalBytes),
+                    Some(out) => write_image(tx, &plan, format, out, &self.local()),
                     None => Ok(()),
                 }
             });
@@ -90,24 +90,7 @@ impl Store {
     /// Imports a raw SQLite file of `len` bytes as a new transaction at head+1.
     pub fn upload(&self, key: &DbKey, len: u64, body: impl Read) -> StoreResult<Pos> {
         let mut r = BufReader::new(body);
-        let mut first = [0u8; crate::dbfile::HEADER_SIZE];
-        r.read_exact(&mut first)
-            .map_err(|_| StoreError::BadHeader("file is shorter than the SQLite header".into()))?;
-        let hdr = DbHeader::parse(&first).map_err(|e| StoreError::BadHeader(e.to_string()))?;
-        let ps = u64::from(hdr.page_size);
-        if len % ps != 0 || len / ps > u64::from(u32::MAX) {
-            return Err(StoreError::BadHeader(format!(
-                "file size {len} is not a multiple of the page size {ps}"
-            )));
-        }
-        let commit = (len / ps) as u32;
-        if hdr.size_valid && hdr.page_count > commit {
-            // SQLite trusts a valid in-header size and reports such a file as corrupt.
-            return Err(StoreError::BadHeader(format!(
-                "file is truncated: its header counts {} pages, the file has {commit}",
-                hdr.page_count
-            )));
-        }
+        let (first, hdr, commit) = image_geometry(&mut r, len)?;
         let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
             if pgno == 1 {
                 buf[..first.len()].copy_from_slice(&first);
@@ -126,12 +109,63 @@ impl Store {
                     .0
             }
             None => {
-                let (row, _) = self.write(|tx| commit_rows(tx, key, &mut verify))?;
+                let c = self.write(|tx| commit_rows(tx, key, &self.local(), None, &mut verify))?;
                 self.notify();
-                row
+                c.row
             }
         };
         Ok(row.pos())
+    }
+
+    /// Local mode: imports the raw SQLite file of `len` bytes received into `inc`
+    /// ([`Store::incoming`]) as a new transaction at head+1. The file becomes the object holding
+    /// the versions' bytes, so they are written once; `store.db` gets only index rows.
+    pub fn upload_file(&self, key: &DbKey, len: u64, mut inc: Incoming) -> StoreResult<Pos> {
+        let written = inc.file().metadata()?.len();
+        if written != len {
+            return Err(StoreError::BadInput(format!(
+                "upload of {len} bytes has {written} in its file"
+            )));
+        }
+        let mut r = BufReader::with_capacity(1 << 20, inc.reader()?);
+        let (first, hdr, commit) = image_geometry(&mut r, len)?;
+        // Durable before it is named, and synced before the writer is taken (a large file
+        // takes a while).
+        inc.file().sync_all()?;
+        let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
+            if pgno == 1 {
+                buf[..first.len()].copy_from_slice(&first);
+                r.read_exact(&mut buf[first.len()..])?;
+            } else {
+                r.read_exact(buf)?;
+            }
+            Ok(())
+        };
+        let placed = std::cell::RefCell::new(None);
+        let done = self.write(|tx| {
+            let c = commit_rows(tx, key, &self.local(), Some(&mut inc), |head, sink| {
+                verify::image(head, hdr.page_size, commit, ltx::now_ms(), &mut fill, sink)
+            })?;
+            if let Some(obj) = c.obj {
+                *placed.borrow_mut() = Some(self.objects.place(&mut inc, obj)?);
+            }
+            Ok(c)
+        });
+        let c = match done {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(k) = placed.borrow_mut().take() {
+                    self.objects.discard(&k);
+                }
+                return Err(e);
+            }
+        };
+        self.notify();
+        if c.stored < u64::from(commit) {
+            // Slots of pages equal to their previous version: nothing names them.
+            self.objects.freed(c.db_id);
+        }
+        Ok(c.row.pos())
     }
 
     /// Re-appends the image at `target` as a new transaction; returns the new head TXID (or the
@@ -148,12 +182,13 @@ impl Store {
             if t.max_txid == h.max_txid {
                 return Ok((h.max_txid, false));
             }
-            let mut pages = ImageReader::new(tx, db_id, &t, &LocalBytes);
-            let (row, _) = commit_rows(tx, key, |head, sink| {
+            let local = self.local();
+            let mut pages = ImageReader::new(tx, db_id, &t, &local);
+            let c = commit_rows(tx, key, &local, None, |head, sink| {
                 let mut fill = |pgno: u32, buf: &mut [u8]| pages.fill(pgno, buf);
                 verify::image(head, t.page_size, t.commit, ltx::now_ms(), &mut fill, sink)
             })?;
-            Ok((row.max_txid, true))
+            Ok((c.row.max_txid, true))
         })?;
         if changed {
             self.notify();
@@ -265,6 +300,33 @@ impl<'a> ImageReader<'a> {
         buf.copy_from_slice(&data);
         Ok(())
     }
+}
+
+/// Reads the SQLite header of an image of `len` bytes; returns its first bytes, the header and
+/// the page count.
+fn image_geometry(
+    r: &mut impl Read,
+    len: u64,
+) -> StoreResult<([u8; crate::dbfile::HEADER_SIZE], DbHeader, u32)> {
+    let mut first = [0u8; crate::dbfile::HEADER_SIZE];
+    r.read_exact(&mut first)
+        .map_err(|_| StoreError::BadHeader("file is shorter than the SQLite header".into()))?;
+    let hdr = DbHeader::parse(&first).map_err(|e| StoreError::BadHeader(e.to_string()))?;
+    let ps = u64::from(hdr.page_size);
+    if len % ps != 0 || len / ps > u64::from(u32::MAX) {
+        return Err(StoreError::BadHeader(format!(
+            "file size {len} is not a multiple of the page size {ps}"
+        )));
+    }
+    let commit = (len / ps) as u32;
+    if hdr.size_valid && hdr.page_count > commit {
+        // SQLite trusts a valid in-header size and reports such a file as corrupt.
+        return Err(StoreError::BadHeader(format!(
+            "file is truncated: its header counts {} pages, the file has {commit}",
+            hdr.page_count
+        )));
+    }
+    Ok((first, hdr, commit))
 }
 
 fn resolve(tx: &Connection, db_id: i64, target: RestoreTarget) -> StoreResult<TxnRow> {

@@ -13,11 +13,13 @@
 //! HTTP; [`StoreError`] is mapped to wire codes by the server.
 
 mod apply;
+pub mod backup;
 mod checkpoint;
 mod compact_bucket;
 mod evict;
 pub(super) mod image;
 pub(crate) mod lease;
+pub(crate) mod objects;
 mod publish;
 mod read;
 pub mod remote;
@@ -39,6 +41,8 @@ use crate::wire::Pos;
 pub use compact_bucket::BucketStats;
 pub use image::{Format, RestoreTarget};
 pub use lease::{DEFAULT_LEASE, LeaseEvent, Leases, MAX_LEASE, MIN_LEASE};
+pub use objects::Incoming;
+use objects::{LocalBytes, Objects};
 pub use read::SnapshotPlan;
 pub use retention::{CompactionStats, DbSize};
 pub use verify::ltx_header;
@@ -164,6 +168,8 @@ pub struct Store {
     remote: Option<Arc<remote::Remote>>,
     /// Checkpoints the log after writes, off the reply path.
     checkpointer: checkpoint::Checkpointer,
+    /// Local mode: files holding the page bytes of large uploads.
+    objects: Objects,
     /// `DATA_DIR/LOCK`, flocked for the store's lifetime (released by the kernel on exit).
     _lock: std::fs::File,
 }
@@ -237,9 +243,14 @@ impl Store {
             Some(r) => r.store_id.clone(),
             None => store_id(&writer)?,
         };
+        let objects = Objects::new(data_dir);
+        if remote.is_none() {
+            objects.open(&writer)?;
+        }
         let checkpointer = checkpoint::Checkpointer::start(&path)?;
         Ok(Store {
             checkpointer,
+            objects,
             path,
             tmp_dir,
             writer: Mutex::new(writer),
@@ -257,6 +268,18 @@ impl Store {
     /// Directory for spooled request bodies (emptied at start).
     pub fn tmp_dir(&self) -> &Path {
         &self.tmp_dir
+    }
+
+    /// A file to receive a whole-database upload into, which [`Store::upload_file`] keeps as
+    /// it is; `None` in bucket mode (spool to [`Store::tmp_dir`] and call [`Store::upload`]).
+    pub fn incoming(&self) -> Option<std::io::Result<Incoming>> {
+        self.remote().is_none().then(|| self.objects.incoming())
+    }
+
+    fn local(&self) -> LocalBytes<'_> {
+        LocalBytes {
+            objects: &self.objects,
+        }
     }
 
     /// A receiver that sees a new value after every change of any database.
@@ -343,6 +366,8 @@ impl Store {
 
     /// Runs `f` in one read transaction on a pooled read-only connection.
     fn read<T>(&self, f: impl FnOnce(&Transaction) -> StoreResult<T>) -> StoreResult<T> {
+        // Registered before the snapshot begins: object space it may read stays until it ends.
+        let _reading = self.objects.reading();
         let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut conn = match pooled {
             Some(c) => c,
@@ -411,13 +436,14 @@ impl Store {
         if let Some(r) = self.remote() {
             return self.delete_bucketed(r, key);
         }
-        self.write(|tx| {
+        let files = self.write(|tx| {
             let id = find_db(tx, key)?.ok_or_else(|| StoreError::NoDb(key.name.clone()))?;
             tx.execute("DELETE FROM pages WHERE db_id = ?1", [id])?;
             tx.execute("DELETE FROM txns WHERE db_id = ?1", [id])?;
             tx.execute("DELETE FROM dbs WHERE id = ?1", [id])?;
-            Ok(())
+            self.objects.delete_db(tx, id)
         })?;
+        self.objects.deleted(files);
         self.leases.remove(key);
         self.notify();
         Ok(())
@@ -573,13 +599,13 @@ fn insert_txn(tx: &Connection, db_id: i64, t: &TxnRow) -> rusqlite::Result<()> {
 /// Where the bytes of a page version are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Bytes {
-    /// In `store.db` (always in local mode; cached in bucket mode).
+    /// In `store.db` (local mode; cached in bucket mode).
     Here(Vec<u8>),
-    /// Only in an object of the bucket.
+    /// Only in an object: of the bucket, or (local mode) a file of `objects/`.
     Remote(Loc),
 }
 
-/// The place of a page version in the bucket: an object (a row of `objects`) and its slot.
+/// The place of a page version in an object (a row of `objects`): its slot.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Loc {
     pub obj: i64,
@@ -619,21 +645,6 @@ pub(crate) trait Fetch {
     }
 }
 
-/// Local mode: every version's bytes are in `store.db`.
-pub(crate) struct LocalBytes;
-
-impl Fetch for LocalBytes {
-    fn bytes(&self, _tx: &Connection, _db_id: i64, v: &Version) -> StoreResult<Vec<u8>> {
-        match &v.bytes {
-            Bytes::Here(data) => Ok(data.clone()),
-            Bytes::Remote(_) => Err(StoreError::Corrupt(format!(
-                "page {} at {:016x} has no bytes in store.db",
-                v.pgno, v.txid
-            ))),
-        }
-    }
-}
-
 /// The newest version of `pgno` at or before `txid`: a row of `pages`, else (bucket mode) the
 /// base image. Bytes come from the row, else (bucket mode) the page cache, else they are
 /// remote.
@@ -647,15 +658,22 @@ fn page_version(
     if !bucket {
         return tx
             .prepare_cached(
-                "SELECT txid, chksum, data FROM pages WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3
-                 ORDER BY txid DESC LIMIT 1",
+                "SELECT txid, chksum, data, obj, slot FROM pages
+                 WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3 ORDER BY txid DESC LIMIT 1",
             )?
             .query_row(rusqlite::params![db_id, pgno, txid as i64], |r| {
+                let bytes = match r.get::<_, Option<Vec<u8>>>(2)? {
+                    Some(d) => Bytes::Here(d),
+                    None => Bytes::Remote(Loc {
+                        obj: r.get(3)?,
+                        slot: r.get::<_, i64>(4)? as u64,
+                    }),
+                };
                 Ok(Version {
                     pgno,
                     txid: r.get::<_, i64>(0)? as u64,
                     ck: r.get::<_, i64>(1)? as u64,
-                    bytes: Bytes::Here(r.get(2)?),
+                    bytes,
                     cached: false,
                 })
             })
@@ -723,12 +741,14 @@ fn page_ck(tx: &Connection, db_id: i64, pgno: u32, txid: u64) -> rusqlite::Resul
     }
 }
 
-/// Stores the page versions of one transaction as rows of `pages` (local mode).
+/// Stores the page versions of one transaction as rows of `pages` (local mode), with their bytes
+/// or, for an upload kept as an object file, naming the slot of each page (page P at P-1).
 struct RowSink<'t> {
     tx: &'t Connection,
     db_id: i64,
     txid: u64,
     stored: u64,
+    obj: Option<i64>,
 }
 
 impl verify::PageSink for RowSink<'_> {
@@ -738,7 +758,24 @@ impl verify::PageSink for RowSink<'_> {
     }
 
     fn page(&mut self, pgno: u32, ck: u64, data: &[u8]) -> StoreResult<()> {
-        insert_page(self.tx, self.db_id, pgno, self.txid, ck, data)?;
+        match self.obj {
+            None => insert_page(self.tx, self.db_id, pgno, self.txid, ck, data)?,
+            Some(obj) => {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO pages(db_id, pgno, txid, chksum, obj, slot)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(rusqlite::params![
+                        self.db_id,
+                        pgno,
+                        self.txid as i64,
+                        ck as i64,
+                        obj,
+                        i64::from(pgno) - 1
+                    ])?;
+            }
+        }
         self.stored += 1;
         Ok(())
     }
@@ -778,27 +815,62 @@ fn head_of<'t>(
     })
 }
 
+/// What [`commit_rows`] stored.
+struct Committed {
+    row: TxnRow,
+    db_id: i64,
+    /// Page versions stored.
+    stored: u64,
+    /// The object the versions name (`to_object`), unless none was stored.
+    obj: Option<i64>,
+}
+
 /// Local mode: verifies one transaction and stores it as rows, in the caller's write
-/// transaction. `verify` gets the head and the sink.
+/// transaction. `verify` gets the head and the sink. `to_object`: the versions' bytes are in an
+/// upload's file (page P at slot P-1; the caller puts the file in place before committing), whose
+/// `objects` row is added here.
 fn commit_rows(
     tx: &Connection,
     key: &DbKey,
+    fetch: &dyn Fetch,
+    to_object: Option<&mut Incoming>,
     verify: impl FnOnce(&verify::Head, &mut dyn verify::PageSink) -> StoreResult<TxnRow>,
-) -> StoreResult<(TxnRow, u64)> {
-    let head = head_of(tx, key, &LocalBytes)?;
+) -> StoreResult<Committed> {
+    let head = head_of(tx, key, fetch)?;
     // A refused transaction rolls back with the caller's transaction, database row included.
     let db_id = match head.db_id {
         Some(id) => id,
         None => insert_db(tx, key)?,
+    };
+    let obj = match &to_object {
+        Some(inc) => Some(objects::insert_row(tx, db_id, inc)?),
+        None => None,
     };
     let mut sink = RowSink {
         tx,
         db_id,
         txid: 0,
         stored: 0,
+        obj,
     };
     let mut row = verify(&head, &mut sink)?;
     row.created_ms = now_ms();
     insert_txn(tx, db_id, &row)?;
-    Ok((row, sink.stored))
+    let obj = match obj {
+        Some(obj) if sink.stored == 0 => {
+            tx.execute("DELETE FROM objects WHERE id = ?1", [obj])?;
+            None
+        }
+        Some(obj) => {
+            objects::set_txn(tx, obj, row.page_size, row.max_txid)?;
+            Some(obj)
+        }
+        None => None,
+    };
+    Ok(Committed {
+        row,
+        db_id,
+        stored: sink.stored,
+        obj,
+    })
 }

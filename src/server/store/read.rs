@@ -10,8 +10,8 @@ use rusqlite::Connection;
 
 use super::remote::{Need, RemoteBytes};
 use super::{
-    Bytes, DbKey, Fetch, Loc, LocalBytes, Store, StoreError, StoreResult, TxnRow, Version, find_db,
-    head, page_version, txn_at,
+    Bytes, DbKey, Fetch, Loc, Store, StoreError, StoreResult, TxnRow, Version, find_db, head,
+    page_version, txn_at,
 };
 use crate::ltx::{lock_page, page_checksum};
 use crate::wire::{Changes, Pos};
@@ -59,9 +59,10 @@ impl Store {
     ) -> StoreResult<PagesAt> {
         let Some(r) = self.remote() else {
             return self.read(|tx| {
-                let mut got = pages_in(tx, key, pos, pgnos, &LocalBytes, false)?;
+                let local = self.local();
+                let mut got = pages_in(tx, key, pos, pgnos, &local, false)?;
                 if warm > 0 {
-                    add_warm_pages(tx, key, &mut got, warm, &LocalBytes, &self.warm_sets)?;
+                    add_warm_pages(tx, key, &mut got, warm, &local, &self.warm_sets)?;
                 }
                 Ok(got)
             });

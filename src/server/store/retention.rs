@@ -25,6 +25,8 @@ pub struct CompactionStats {
     pub page_versions: u64,
     /// What each database holds after the pass, in (cluster, name) order.
     pub databases: Vec<DbSize>,
+    /// Local mode: object files removed, their last page version gone.
+    pub object_files_removed: u64,
     /// Bucket mode: what the pass did in the bucket.
     pub bucket: super::BucketStats,
 }
@@ -68,6 +70,14 @@ impl Store {
             let (t, p) = self.write(|tx| compact_db(tx, id, cutoff))?;
             stats.txns_deleted += t;
             stats.pages_deleted += p;
+            if p > 0 {
+                self.objects.freed(id);
+            }
+        }
+        if self.remote().is_none() {
+            stats.object_files_removed = self
+                .objects
+                .reclaim(&|f| self.read(|tx| f(tx)), &|f| self.write(|tx| f(tx)))?;
         }
         if let Some(r) = self.remote() {
             stats.bucket = self.compact_bucket(r)?;
