@@ -617,4 +617,31 @@ mod tests {
             .unwrap();
         assert!(out == image(64, 2));
     }
+
+    /// The lookup of a page version is prepared once, whatever the ids bound to it (database
+    /// id 1 once re-prepared it on every page read).
+    #[test]
+    fn page_lookups_are_not_reprepared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let key = DbKey {
+            cluster: "c".into(),
+            name: "db".into(),
+        };
+        upload(&store, &key, &image(64, 1));
+        store
+            .read(|tx| {
+                for pgno in 1..=64 {
+                    super::super::page_version(tx, 1, pgno, 1, false)?.expect("stored");
+                }
+                let st = tx.prepare_cached(
+                    "SELECT txid, chksum, data, obj, slot FROM pages
+                 WHERE db_id = ?1 AND pgno = ?2 AND txid <= ?3 ORDER BY txid DESC LIMIT 1",
+                )?;
+                let n = st.get_status(rusqlite::StatementStatus::RePrepare);
+                assert!(n <= 1, "re-prepared {n} times for 64 lookups");
+                Ok(())
+            })
+            .unwrap();
+    }
 }
