@@ -558,7 +558,10 @@ fn download(
     progress: &mut Progress,
 ) -> anyhow::Result<u64> {
     let expected = resp.content_length();
+    let file = out;
     let mut out = io::BufWriter::with_capacity(1 << 20, out);
+    // Bytes whose write-back to disk was started: the sync at the end then finds little left.
+    let mut flushing = 0u64;
     loop {
         let chunk = admin.rt.block_on(resp.chunk()).with_context(|| {
             let of = expected.map(|n| format!(" of {n}")).unwrap_or_default();
@@ -571,6 +574,12 @@ fn download(
         out.write_all(&chunk)
             .context("cannot write the downloaded database")?;
         progress.add(chunk.len() as u64);
+        if progress.done() >= flushing + WRITEBACK_STEP {
+            out.flush()
+                .context("cannot write the downloaded database")?;
+            start_writeback(file, flushing, progress.done() - flushing);
+            flushing = progress.done();
+        }
     }
     out.flush()
         .context("cannot write the downloaded database")?;
@@ -579,6 +588,24 @@ fn download(
         bail!("download interrupted after {n} of {want} bytes (nothing was written)");
     }
     Ok(n)
+}
+
+/// A download's write-back to disk is started in steps of this many bytes.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+/// Starts writing `len` bytes of `file` from `offset` to disk in the background (advisory: on
+/// error the final sync does the work).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on an open descriptor; it writes no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
 }
 
 /// Checks a downloaded snapshot before it replaces anything: LTX files are fully decoded (which

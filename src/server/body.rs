@@ -325,6 +325,9 @@ pub async fn spool(
                 // keeps, a temporary one is never synced.
                 tokio::task::block_in_place(|| f.write_all(&chunk)).map_err(spool_write_error)?;
                 *n += chunk.len() as u64;
+                if let Some(inc) = incoming.as_mut() {
+                    inc.received(*n);
+                }
             }
             None => mem.extend_from_slice(&chunk),
         }

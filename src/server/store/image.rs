@@ -129,9 +129,22 @@ impl Store {
         }
         let mut r = BufReader::with_capacity(1 << 20, inc.reader()?);
         let (first, hdr, commit) = image_geometry(&mut r, len)?;
-        // Durable before it is named, and synced before the writer is taken (a large file
-        // takes a while).
-        inc.file().sync_all()?;
+        // Durable before it is named: synced on another thread while the pages are verified
+        // and indexed (the disk and the CPU work at once), and waited for before the rename.
+        let syncing = {
+            let f = inc.file().try_clone()?;
+            std::thread::spawn(move || f.sync_all())
+        };
+        let synced = std::cell::Cell::new(Some(syncing));
+        let wait_sync = || -> StoreResult<()> {
+            match synced.take() {
+                Some(h) => h
+                    .join()
+                    .map_err(|_| StoreError::Io(std::io::Error::other("file sync panicked")))?
+                    .map_err(StoreError::Io),
+                None => Ok(()),
+            }
+        };
         let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
             if pgno == 1 {
                 buf[..first.len()].copy_from_slice(&first);
@@ -146,11 +159,14 @@ impl Store {
             let c = commit_rows(tx, key, &self.local(), Some(&mut inc), |head, sink| {
                 verify::image(head, hdr.page_size, commit, ltx::now_ms(), &mut fill, sink)
             })?;
+            wait_sync()?;
             if let Some(obj) = c.obj {
                 *placed.borrow_mut() = Some(self.objects.place(&mut inc, obj)?);
             }
             Ok(c)
         });
+        // A refusal must not leave the sync running on a file about to be removed.
+        let _ = wait_sync();
         let c = match done {
             Ok(c) => c,
             Err(e) => {
