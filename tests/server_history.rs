@@ -956,6 +956,10 @@ fn uploads_keep_their_pages_in_object_files_and_give_space_back() {
         .get("/db/page", &[("db", "big"), ("pgno", "3000,3001,3002")])
         .ok();
     assert_eq!(p.status, 200);
+    // A refused upload (not a SQLite file) leaves no file behind.
+    api.post("/db/upload", &[("db", "big")], vec![7u8; 9 << 20])
+        .err(422, "EBADHEADER");
+    assert_eq!(object_files(&s.dir).len(), 1);
     // The same file again stores nothing, and keeps no file.
     let before = api.pos("big");
     api.post("/db/upload", &[("db", "big")], first.clone()).ok();
