@@ -106,9 +106,19 @@ impl Database {
             let State {
                 prefetch, cache, ..
             } = &mut **st;
-            prefetch.plan(pgno, base, cap, |p| {
-                p.0 <= size && p != lock && !cache.contains(p)
-            })
+            let cache = std::cell::RefCell::new(cache);
+            let mut peek = |p: Pgno| {
+                let mut buf = vec![0u8; page_size as usize];
+                let found = p.0 <= size && cache.borrow_mut().get(p, &mut buf).ok()?;
+                found.then_some(buf)
+            };
+            prefetch.plan(
+                pgno,
+                base,
+                cap,
+                |p| p.0 <= size && p != lock && !cache.borrow().contains(p),
+                &mut peek,
+            )
         };
         tracing::debug!(db = %self.name, %pgno, window = st.prefetch.window(), pages = plan.len(), "read miss");
         let pos = st.pos;
