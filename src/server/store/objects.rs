@@ -13,7 +13,8 @@
 //!   directory's sync come before the commit that adds the rows;
 //! - a file is removed, and a range of it punched out, only once no row names it and no read
 //!   transaction that began before those rows were deleted is still running ([`Objects`]
-//!   counts read transactions by epoch), so a long export never reads a hole;
+//!   counts read transactions by epoch), so a long export never reads a hole, and while no
+//!   `litevfs backup` holds `BACKUP.lock` ([`super::backup`]);
 //! - a file without its `objects` row (a crash between rename and commit, or between the
 //!   deletion of the row and the unlink) is removed when the store opens.
 
