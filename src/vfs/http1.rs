@@ -372,6 +372,74 @@ fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::spill::SpillConfig;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    /// Reads one request (head and `content-length` body) and returns its body.
+    fn serve_one(r: &mut BufReader<TcpStream>) -> Vec<u8> {
+        let mut len = 0;
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            if l == "\r\n" {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).unwrap();
+        r.get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .unwrap();
+        body
+    }
+
+    /// Two requests share a connection; once the server closes it while idle, the next request
+    /// goes out on a new one instead of failing.
+    #[test]
+    fn reuses_connections_and_replaces_one_closed_while_idle() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!(
+            "http://{}/db/tx?db=a",
+            listener.local_addr().unwrap()
+        ))
+        .unwrap();
+        let (closed_tx, closed_rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let mut first = BufReader::new(listener.accept().unwrap().0);
+            let bodies = [serve_one(&mut first), serve_one(&mut first)];
+            drop(first);
+            closed_tx.send(()).unwrap();
+            let mut second = BufReader::new(listener.accept().unwrap().0);
+            (bodies, serve_one(&mut second))
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = SpillBuf::new(SpillConfig {
+            dir: dir.path().to_path_buf(),
+            limit: 1 << 20,
+        });
+        body.append(b"ltx").unwrap();
+        let Some(client) = Http1::for_url(&url, "test") else {
+            return; // a proxy in the environment: the direct path is not used
+        };
+        let t = Duration::from_secs(10);
+        for _ in 0..2 {
+            let r = client.post(&url, &[("x-h", "v")], &body, t, t).unwrap();
+            assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+        }
+        closed_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let r = client.post(&url, &[], &body, t, t).unwrap();
+        assert_eq!(r.status, 200);
+        let (bodies, last) = server.join().unwrap();
+        assert_eq!(
+            (bodies, last),
+            ([b"ltx".to_vec(), b"ltx".to_vec()], b"ltx".to_vec())
+        );
+    }
 
     fn reply(raw: &str) -> io::Result<(Reply, bool)> {
         read_reply(&mut io::Cursor::new(raw.as_bytes().to_vec()))
