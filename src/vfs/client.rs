@@ -3,7 +3,8 @@
 //! Owns the one `reqwest` client of the process (keep-alive pool, a timeout on every request),
 //! the authentication and routing headers, and the translation of HTTP failures into
 //! [`ClientError`]s whose messages name the host, and `LITEFS_CLOUD_TOKEN` on a 401. It keeps
-//! no database state and never retries: callers decide.
+//! no database state and never retries: callers decide. Commits to a plain `http://` store go
+//! through [`Http1`] on the caller's thread instead (same timeouts, same errors).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use reqwest::blocking::{Client as Http, RequestBuilder, Response};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 
 use super::config::Config;
+use super::http1::Http1;
+use super::spill::SpillBuf;
 use crate::wire::{
     self, Changes, ErrorBody, ErrorCode, HEADER_CLUSTER_ID, HEADER_LEASE_ID, Lease,
     MEDIA_PAGE_FRAMES, Page, PagesResponse, Pos, SyncRequest, SyncResponse,
@@ -91,6 +94,15 @@ pub struct Client {
     cluster: Option<String>,
     cluster_id: String,
     commit_deadline: Duration,
+    /// The direct path for commits, when the store is plain `http://` without a proxy.
+    http1: Option<Http1>,
+}
+
+const USER_AGENT: &str = concat!("litevfs/", env!("CARGO_PKG_VERSION"));
+
+/// Whether `v` can go into a request head as it is (no control characters, so no CR or LF).
+fn header_safe(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 impl Client {
@@ -99,14 +111,19 @@ impl Client {
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("litevfs/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             .build()
             .map_err(|e| ClientError::Unreachable {
                 host: config.host.clone(),
                 detail: e.to_string(),
             })?;
         let cluster_id = format!("LFSC{:016X}", rand::random::<u64>());
+        let http1 = reqwest::Url::parse(&config.host)
+            .ok()
+            .filter(|_| config.token.as_deref().is_none_or(header_safe))
+            .and_then(|base| Http1::for_url(&base, USER_AGENT));
         Ok(Client {
+            http1,
             http,
             host: config.host.clone(),
             token: config.token.clone(),
@@ -172,8 +189,13 @@ impl Client {
     fn api_error(&self, resp: Response) -> ClientError {
         let status = resp.status().as_u16();
         let text = resp.text().unwrap_or_default();
+        self.api_error_text(status, &text)
+    }
+
+    /// The error of a reply with status `status` (not 2xx) and body `text`.
+    fn api_error_text(&self, status: u16, text: &str) -> ClientError {
         let host = self.host.clone();
-        let Ok(body) = serde_json::from_str::<ErrorBody>(&text) else {
+        let Ok(body) = serde_json::from_str::<ErrorBody>(text) else {
             let message: String = text.chars().take(200).collect();
             return if status == 401 || status == 403 {
                 ClientError::Unauthorized {
@@ -328,23 +350,75 @@ impl Client {
         }
     }
 
-    /// `POST /db/tx`: uploads one LTX file of `len` bytes under the given lease. The timeout
-    /// grows with the size: a large commit is sent, then applied and made durable by the store,
-    /// before the reply comes.
-    pub fn write_tx(
-        &self,
-        db: &str,
-        lease_id: &str,
-        ltx: reqwest::blocking::Body,
-        len: u64,
-    ) -> Result<()> {
+    /// `POST /db/tx`: uploads one LTX file under the given lease. The timeout grows with the
+    /// size: a large commit is sent, then applied and made durable by the store, before the
+    /// reply comes.
+    pub fn write_tx(&self, db: &str, lease_id: &str, ltx: &SpillBuf) -> Result<()> {
+        let timeout =
+            REQUEST_TIMEOUT + Duration::from_millis(ltx.len() / SLOWEST_COMMIT_BYTES_PER_MS);
+        let query = [("db", db.to_string())];
+        if let Some(http1) = self.http1.as_ref().filter(|_| header_safe(lease_id)) {
+            return self.write_tx_http1(http1, &query, lease_id, ltx, timeout);
+        }
         let rb = self
-            .request(reqwest::Method::POST, "/db/tx", &[("db", db.to_string())])
-            .timeout(REQUEST_TIMEOUT + Duration::from_millis(len / SLOWEST_COMMIT_BYTES_PER_MS))
+            .request(reqwest::Method::POST, "/db/tx", &query)
+            .timeout(timeout)
             .header(HEADER_LEASE_ID, lease_id)
             .header(CONTENT_TYPE, "application/octet-stream")
-            .body(ltx);
+            .body(ltx.body());
         self.send(rb).map(drop)
+    }
+
+    /// [`Client::write_tx`] through [`Http1`]: the same request (URL, query, headers) on the
+    /// caller's thread.
+    fn write_tx_http1(
+        &self,
+        http1: &Http1,
+        query: &[(&str, String)],
+        lease_id: &str,
+        ltx: &SpillBuf,
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut url = reqwest::Url::parse(&format!("{}/db/tx", self.host)).map_err(|e| {
+            ClientError::Unreachable {
+                host: self.host.clone(),
+                detail: format!("invalid URL: {e}"),
+            }
+        })?;
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+            if let Some(c) = &self.cluster {
+                pairs.append_pair("cluster", c);
+            }
+        }
+        let mut headers = vec![
+            (HEADER_CLUSTER_ID, self.cluster_id.as_str()),
+            (HEADER_LEASE_ID, lease_id),
+            ("content-type", "application/octet-stream"),
+        ];
+        if let Some(t) = &self.token {
+            headers.push(("authorization", t.as_str()));
+        }
+        let reply = http1
+            .post(&url, &headers, ltx, timeout, CONNECT_TIMEOUT)
+            .map_err(|e| self.io_unreachable(&url, e))?;
+        if (200..300).contains(&reply.status) {
+            return Ok(());
+        }
+        Err(self.api_error_text(reply.status, &String::from_utf8_lossy(&reply.body)))
+    }
+
+    /// A failed [`Http1`] request, worded like reqwest's.
+    fn io_unreachable(&self, url: &reqwest::Url, e: std::io::Error) -> ClientError {
+        let mut detail = format!("error sending request for url ({url}): {e}");
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            detail = format!("timed out: {detail}");
+        }
+        ClientError::Unreachable {
+            host: self.host.clone(),
+            detail,
+        }
     }
 
     /// `POST /lease`: acquires (no `id`) or refreshes (`id`) the write lease.

@@ -15,7 +15,8 @@
 //! - [`wal`]: WAL-mode databases (the private `-wal`, its commits, checkpoints); [`shm`]: the
 //!   private wal-index and its locks
 //! - [`sync`]: the change poller; [`lease`]: write leases
-//! - [`client`]: the page-store HTTP client; [`config`]; [`lock`]; [`error`]
+//! - [`client`]: the page-store HTTP client ([`http1`]: its direct path for commits);
+//!   [`config`]; [`lock`]; [`error`]
 //!
 //! Page numbers are [`Pgno`]; positions, TXIDs and checksums are the wire newtypes.
 //!
@@ -29,6 +30,7 @@ pub mod database;
 pub mod error;
 pub mod ext;
 pub mod file;
+pub mod http1;
 pub mod lease;
 pub mod lock;
 pub mod pager;

@@ -48,10 +48,7 @@ impl Database {
     /// Uploads the LTX that takes the database from `base` to `after` under `lease_id`.
     /// `Ok` when, and only when, the store holds `after`.
     pub(super) fn ship(&self, base: Pos, after: Pos, lease_id: &str, ltx: &SpillBuf) -> Result<()> {
-        let first = match self
-            .client
-            .write_tx(&self.name, lease_id, ltx.body(), ltx.len())
-        {
+        let first = match self.client.write_tx(&self.name, lease_id, ltx) {
             Ok(()) => return Ok(()),
             Err(e) if !ambiguous(&e) => return Err(e.into()),
             Err(e) => e,
@@ -79,10 +76,7 @@ impl Database {
                     .into());
                 }
                 Ok(Landed::No) => {
-                    match self
-                        .client
-                        .write_tx(&self.name, lease_id, ltx.body(), ltx.len())
-                    {
+                    match self.client.write_tx(&self.name, lease_id, ltx) {
                         Ok(()) => return self.settled_landed(after),
                         // The original (or an earlier copy) got there first, or the store moved:
                         // ask again at once.

@@ -177,6 +177,14 @@ impl SpillBuf {
         }
     }
 
+    /// Writes the content, from the first byte, to `w`.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        match &self.data {
+            Data::Mem(v) => w.write_all(v),
+            Data::File { .. } => io::copy(&mut self.reader(), w).map(drop),
+        }
+    }
+
     /// Reads the content from the first byte, independently of other readers.
     pub fn reader(&self) -> Box<dyn Read + Send> {
         match &self.data {

@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{blocking, db_key, parse_pos, spool_body, writable_db_key};
+use super::{blocking, db_key, in_place, parse_pos, spool_body, writable_db_key};
 use crate::server::App;
 use crate::server::auth::{Caller, Params};
 use crate::server::error::{ApiError, ApiResult};
@@ -72,7 +72,7 @@ pub async fn post_tx(
     let limit = crate::server::body::Limit::Bytes(app.config.max_body_size);
     let spooled = spool_body(&app, &headers, body, limit).await?;
     let store = app.store.clone();
-    let applied = blocking(move || {
+    let applied = in_place(move || {
         let len = spooled.len();
         store.apply_ltx(&key, lease.as_deref(), len, spooled.into_reader()?)
     })

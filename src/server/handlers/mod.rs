@@ -3,7 +3,7 @@
 //! ([`images`]: snapshot, upload, delete, restore) and service endpoints ([`misc`]).
 //!
 //! Handlers only parse and validate input, call the store off the async executor
-//! ([`blocking`]) and shape replies; every rule about data lives in [`super::store`].
+//! ([`blocking`]; [`in_place`] on the commit path) and shape replies; every rule about data lives in [`super::store`].
 
 pub mod data;
 pub mod images;
@@ -23,6 +23,33 @@ pub async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::internal(format!("store task failed: {e}"))),
+    }
+}
+
+/// Runs blocking store work on this thread (the worker first hands its other tasks to another
+/// thread), or on the blocking pool where the runtime cannot do that (a current-thread
+/// runtime). For the commit path: a hand-off to the blocking pool and back costs two thread
+/// wake-ups per request. A panic becomes a 500, as with [`blocking`].
+pub async fn in_place<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
+        return blocking(f).await;
+    }
+    let run = std::panic::AssertUnwindSafe(|| tokio::task::block_in_place(f));
+    match std::panic::catch_unwind(run) {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(ApiError::internal(format!(
+                "store task failed: panicked: {why}"
+            )))
+        }
     }
 }
 
