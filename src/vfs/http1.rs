@@ -31,6 +31,8 @@ const COALESCE: usize = 64 << 10;
 const MAX_HEAD: usize = 64 << 10;
 /// Largest reply body accepted (replies to an upload are an empty body or a JSON error).
 const MAX_BODY: usize = 1 << 20;
+/// How long a reply is waited for after a send the store cut off.
+const REFUSAL_WAIT: Duration = Duration::from_secs(2);
 /// Idle connections kept, and for how long (below the store's `--header-timeout`, 120 s by
 /// default, like the reqwest pool's 60 s).
 const MAX_IDLE: usize = 4;
@@ -87,7 +89,20 @@ impl Http1 {
             stream: &stream,
             deadline,
         };
-        send(&mut conn, url, self.user_agent, headers, body)?;
+        if let Err(e) = send(&mut conn, url, self.user_agent, headers, body) {
+            // The store may have refused the request before taking all of the body (413 over
+            // its size limit) and closed the connection: its reply says why, the broken send
+            // does not. Never sent again either way.
+            let short = Instant::now() + REFUSAL_WAIT;
+            let reader = Deadlined {
+                stream: &stream,
+                deadline: deadline.min(short),
+            };
+            return match read_reply(&mut BufReader::new(reader)) {
+                Ok((reply, _)) => Ok(reply),
+                Err(_) => Err(e),
+            };
+        }
         let mut reader = BufReader::new(conn);
         let (reply, reusable) = read_reply(&mut reader)?;
         let clean = reusable && reader.buffer().is_empty();
@@ -439,6 +454,57 @@ mod tests {
             (bodies, last),
             ([b"ltx".to_vec(), b"ltx".to_vec()], b"ltx".to_vec())
         );
+    }
+
+    /// A store that refuses a body it did not read (413) and closes: the caller gets the 413,
+    /// not a broken connection.
+    #[test]
+    fn a_refusal_before_the_body_is_read_is_reported_as_such() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!(
+            "http://{}/db/tx?db=a",
+            listener.local_addr().unwrap()
+        ))
+        .unwrap();
+        let server = std::thread::spawn(move || {
+            let mut r = BufReader::new(listener.accept().unwrap().0);
+            loop {
+                let mut l = String::new();
+                r.read_line(&mut l).unwrap();
+                if l == "\r\n" {
+                    break;
+                }
+            }
+            let msg = br#"{"code":"ETOOLARGE","error":"request body exceeds the limit"}"#;
+            let head = format!(
+                "HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                msg.len()
+            );
+            let s = r.get_mut();
+            s.write_all(head.as_bytes()).unwrap();
+            s.write_all(msg).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            // Read a little of the body, then close without reading the rest.
+            let mut some = vec![0u8; 1 << 16];
+            let _ = r.read(&mut some);
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = SpillBuf::new(SpillConfig {
+            dir: dir.path().to_path_buf(),
+            limit: 1 << 20,
+        });
+        for _ in 0..64 {
+            body.append(&vec![7u8; 1 << 20]).unwrap();
+        }
+        let Some(client) = Http1::for_url(&url, "test") else {
+            return; // a proxy in the environment: the direct path is not used
+        };
+        let t = Duration::from_secs(10);
+        let r = client.post(&url, &[], &body, t, t).unwrap();
+        assert_eq!(r.status, 413);
+        assert!(String::from_utf8_lossy(&r.body).contains("ETOOLARGE"));
+        server.join().unwrap();
     }
 
     fn reply(raw: &str) -> io::Result<(Reply, bool)> {
