@@ -4,13 +4,18 @@
 //! checkpoint, the `COMMIT` that crosses the threshold copies the whole log into the database
 //! and syncs it before returning, so the reply to a large transaction waited for work that has
 //! nothing to do with its durability. Here a thread with its own connection does that work after
-//! writes: a passive checkpoint once the log passes [`CHECKPOINT_AT`] (it never blocks the
-//! writer or readers), and when the log has grown past [`super::schema::WAL_SIZE_LIMIT`] (a large
-//! upload or compaction) a truncating one, which waits at most [`TRUNCATE_WAIT`] for readers and
+//! writes: a passive checkpoint once the frames written since the last one pass
+//! [`CHECKPOINT_AT`] (it never blocks the writer or readers; the file's size is no measure, as
+//! it stays at its largest while the log restarts from its start, and a log that a steady
+//! writer never lets restart is not checkpointed again after every commit), and when the file
+//! has grown
+//! past [`super::schema::WAL_SIZE_LIMIT`] (a large upload or compaction) a truncating one, which waits at most [`TRUNCATE_WAIT`] for readers and
 //! is retried every [`RETRY`] until it succeeds, so an idle store gives the space back without
 //! waiting for the next write.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -32,6 +37,11 @@ const RETRY: Duration = Duration::from_secs(1);
 pub struct Checkpointer {
     kick: Option<SyncSender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// Frames in the log as of the last commit ([`Checkpointer::frames`]).
+    frames: Arc<AtomicU64>,
+    /// Checkpoints run (for tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    runs: Arc<AtomicU64>,
 }
 
 impl Checkpointer {
@@ -40,20 +50,45 @@ impl Checkpointer {
         let conn = Connection::open(path)?;
         conn.busy_timeout(TRUNCATE_WAIT)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        let page_size: u32 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        let page_size = u64::from(page_size);
         let wal = PathBuf::from(format!("{}-wal", path.display()));
         let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let frames = Arc::new(AtomicU64::new(0));
+        let runs = Arc::new(AtomicU64::new(0));
+        let (f, n) = (frames.clone(), runs.clone());
         let thread = std::thread::Builder::new()
             .name("litevfs-checkpoint".into())
             .spawn(move || {
+                // Frames in the log at the last checkpoint: only frames written since count
+                // (fewer frames than then: the log restarted from its start).
+                let mut last = 0;
                 while let Ok(()) | Err(RecvTimeoutError::Timeout) = rx.recv_timeout(RETRY) {
-                    checkpoint(&conn, &wal);
+                    let now = f.load(Ordering::Relaxed);
+                    let new = if now < last { now } else { now - last };
+                    if checkpoint(&conn, &wal, new * page_size) {
+                        last = now;
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             })
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         Ok(Checkpointer {
             kick: Some(tx),
             thread: Some(thread),
+            frames,
+            runs,
         })
+    }
+
+    /// Where the writer's log hook records the frames in the log after each commit.
+    pub fn frames(&self) -> Arc<AtomicU64> {
+        self.frames.clone()
+    }
+
+    #[cfg(test)]
+    fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     /// Tells the thread the log grew (never blocks).
@@ -73,11 +108,12 @@ impl Drop for Checkpointer {
     }
 }
 
-/// One round: passive when the log is large, truncating when it is too large.
-pub fn checkpoint(conn: &Connection, wal: &Path) {
+/// One round: passive when `log` bytes of frames were written since the last round that ran,
+/// truncating when the file is too large. Returns whether it ran one.
+pub fn checkpoint(conn: &Connection, wal: &Path, log: u64) -> bool {
     let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
-    if size < CHECKPOINT_AT {
-        return;
+    if log < CHECKPOINT_AT && size <= WAL_SIZE_LIMIT as u64 {
+        return false;
     }
     let mode = if size > WAL_SIZE_LIMIT as u64 {
         "TRUNCATE"
@@ -95,11 +131,54 @@ pub fn checkpoint(conn: &Connection, wal: &Path) {
         // Busy: a reader or the writer held it past TRUNCATE_WAIT; the next round retries.
         Err(e) => tracing::debug!(mode, "checkpoint deferred: {e}"),
     }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
+
+    /// Small commits checkpoint once per [`super::CHECKPOINT_AT`] of log, not after every commit
+    /// once the file has reached that size (the file keeps its size while the log restarts).
+    #[test]
+    fn steady_small_commits_checkpoint_once_per_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let key = DbKey {
+            cluster: "c".into(),
+            name: "small".into(),
+        };
+        let mut pos = crate::wire::Pos::ZERO;
+        let n = 600u64;
+        for i in 0..n {
+            let data = vec![(i % 251) as u8; 512];
+            let post = checksum_xor(EMPTY_CHECKSUM, page_checksum(1, &data));
+            let txid = pos.txid.0 + 1;
+            let hdr = ltx::Header::new(512, 1, txid, txid, pos.checksum.0);
+            let mut w = ltx::Writer::new(Vec::new(), &hdr).unwrap();
+            w.write_page(1, &data).unwrap();
+            let bytes = w.finish(post).unwrap().1;
+            pos = store
+                .apply_ltx(&key, None, bytes.len() as u64, &bytes[..])
+                .unwrap()
+                .pos;
+            // One commit at a time, as a client waiting for each reply does.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let wal = wal_len(dir.path());
+        let runs = store.checkpointer.runs();
+        // Each commit writes a few 32 KiB frames: tens of commits per 4 MiB of log.
+        assert!(wal >= super::CHECKPOINT_AT, "the log file grew to {wal}");
+        assert!(
+            runs * 10 < n,
+            "{runs} checkpoints for {n} commits (one per commit once the file was large)"
+        );
+        assert!(
+            runs >= 2,
+            "{runs} checkpoints: the log must still be checkpointed"
+        );
+    }
 
     use super::super::{DbKey, Store};
     use crate::ltx::{self, EMPTY_CHECKSUM, checksum_xor, page_checksum};

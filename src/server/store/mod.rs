@@ -248,6 +248,15 @@ impl Store {
             objects.open(&writer)?;
         }
         let checkpointer = checkpoint::Checkpointer::start(&path)?;
+        let frames = checkpointer.frames();
+        let mut writer = writer;
+        // The frames in the log after each commit: when to checkpoint (see [`checkpoint`]).
+        writer.wal_hook(Some(
+            move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+                frames.store(pages.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            },
+        ))?;
         Ok(Store {
             checkpointer,
             objects,
