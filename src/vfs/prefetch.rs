@@ -141,8 +141,8 @@ impl Prefetcher {
     /// Children of the siblings of interior page `owner` after it (`forward`) or before it,
     /// appended to `out` in the direction of travel until it holds `need` pages. A sibling whose
     /// children are not known yet is read with `peek` if it is cached; otherwise it goes to the
-    /// returned list (at most [`AHEAD`] of them, looked for past `need` too): fetched now, its
-    /// children are known by the time the walk gets there.
+    /// returned list (the walk stops at [`AHEAD`] of them): fetched now, its children are known
+    /// by the time the walk gets there.
     fn siblings(
         &mut self,
         owner: Pgno,
@@ -167,7 +167,9 @@ impl Prefetcher {
             list[..k].iter().rev().copied().collect()
         };
         for s in sibs {
-            if out.len() >= need && unknown.len() >= AHEAD {
+            // Bounded: only the groups this request reaches are read and learned (learning
+            // every sibling of a large level would push out the groups in use).
+            if out.len() >= need || unknown.len() >= AHEAD {
                 break;
             }
             if !self.groups.contains_key(&s)
@@ -179,11 +181,9 @@ impl Prefetcher {
                 }
             }
             match self.groups.get(&s) {
-                Some(_) if out.len() >= need => {}
                 Some(g) if forward => out.extend(g.children.iter().copied()),
                 Some(g) => out.extend(g.children.iter().rev().copied()),
-                None if unknown.len() < AHEAD => unknown.push(s),
-                None => {}
+                None => unknown.push(s),
             }
         }
         unknown
@@ -309,12 +309,13 @@ mod tests {
         p[0] = 0x05;
         p[3..5].copy_from_slice(&(children.len() as u16).to_be_bytes());
         p[8..12].copy_from_slice(&right.to_be_bytes());
-        let mut cell = 2000;
+        // Cells (child page number, a one-byte key) right after the cell pointer array.
+        let mut cell = 12 + 2 * children.len();
         for (i, c) in children.iter().enumerate() {
             p[12 + 2 * i..14 + 2 * i].copy_from_slice(&(cell as u16).to_be_bytes());
             p[cell..cell + 4].copy_from_slice(&c.to_be_bytes());
             p[cell + 4] = 1;
-            cell += 8;
+            cell += 5;
         }
         p
     }
@@ -417,12 +418,13 @@ mod tests {
         );
     }
 
-    /// A root over 20 interior pages of 100 leaves each, walked leaf by leaf as SQLite reads a
-    /// b-tree (each interior page read before its leaves), forward or in reverse; returns the
-    /// requests it took.
-    fn walk_two_levels(reverse: bool) -> usize {
-        let leaves = |k: u32| -> Vec<u32> { (0..100).map(|n| 1000 + k * 100 + n).collect() };
-        let interiors: Vec<u32> = (0..20).map(|k| 100 + k).collect();
+    /// A root over `n` interior pages of `m` leaves each, walked leaf by leaf as SQLite reads a
+    /// b-tree (each interior page read before its leaves), forward or in reverse; with
+    /// `warm`, every interior page is cached from the start (as the open's warm set brings
+    /// them). Returns the requests it took.
+    fn walk_two_levels(n: u32, m: u32, reverse: bool, warm: bool) -> usize {
+        let leaves = |k: u32| -> Vec<u32> { (0..m).map(|x| 100_000 + k * m + x).collect() };
+        let interiors: Vec<u32> = (0..n).map(|k| 100 + k).collect();
         let mut pages: HashMap<u32, Vec<u8>> = HashMap::new();
         let (right, cells) = interiors.split_last().unwrap();
         pages.insert(2, interior(cells, *right));
@@ -431,34 +433,38 @@ mod tests {
             let (right, cells) = l.split_last().unwrap();
             pages.insert(ip, interior(cells, *right));
         }
-        let cached = std::cell::RefCell::new(HashSet::from([Pgno(2)]));
+        let mut start = HashSet::from([Pgno(2)]);
+        if warm {
+            start.extend(interiors.iter().map(|&p| Pgno(p)));
+        }
+        let cached = std::cell::RefCell::new(start);
         let mut p = Prefetcher::default();
         let mut requests = 0;
-        let mut read = |n: u32, p: &mut Prefetcher| {
-            if !cached.borrow().contains(&Pgno(n)) {
-                let mut peek = |x: Pgno| {
+        let mut read = |x: u32, p: &mut Prefetcher| {
+            if !cached.borrow().contains(&Pgno(x)) {
+                let mut peek = |y: Pgno| {
                     cached
                         .borrow()
-                        .contains(&x)
-                        .then(|| pages.get(&x.0).cloned())
+                        .contains(&y)
+                        .then(|| pages.get(&y.0).cloned())
                         .flatten()
                 };
                 let plan = p.plan(
-                    Pgno(n),
+                    Pgno(x),
                     8,
                     256,
-                    |x| !cached.borrow().contains(&x),
+                    |y| !cached.borrow().contains(&y),
                     &mut peek,
                 );
                 requests += 1;
                 cached.borrow_mut().extend(plan);
             }
-            if let Some(page) = pages.get(&n) {
-                p.observe(Pgno(n), page);
+            if let Some(page) = pages.get(&x) {
+                p.observe(Pgno(x), page);
             }
         };
         read(2, &mut p);
-        let mut order: Vec<usize> = (0..20).collect();
+        let mut order: Vec<usize> = (0..n as usize).collect();
         if reverse {
             order.reverse();
         }
@@ -479,10 +485,16 @@ mod tests {
     fn a_walk_goes_on_across_interior_pages_in_one_request() {
         // 2,020 pages at most 257 a request: with each interior page's leaves in a request of
         // their own it took at least 20.
-        let forward = walk_two_levels(false);
-        assert!(forward <= 14, "{forward} requests forward");
-        let reverse = walk_two_levels(true);
-        assert!(reverse <= 14, "{reverse} requests in reverse");
+        for (reverse, warm) in [(false, false), (true, false), (false, true), (true, true)] {
+            let n = walk_two_levels(20, 100, reverse, warm);
+            assert!(n <= 14, "{n} requests (reverse {reverse}, warm {warm})");
+        }
+        // More leaves than the hints kept (72,000), every interior page cached: learning the
+        // siblings of a whole level must not push out the group being walked.
+        for reverse in [false, true] {
+            let n = walk_two_levels(180, 400, reverse, true);
+            assert!(n <= 72_000 / 257 + 40, "{n} requests (reverse {reverse})");
+        }
     }
 
     #[test]
