@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -136,6 +137,14 @@ class Agent:
     def _drain(self):
         for line in self.proc.stderr:
             self.stderr.append(line)
+
+    def stderr_with(self, text, timeout=10.0):
+        """The agent's stderr so far, once it contains `text` (a background thread collects it,
+        so a line the agent just wrote may not be there yet), or as it is after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while text not in "".join(self.stderr) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return "".join(self.stderr)
 
     def _read(self):
         timer = threading.Timer(HANG_GUARD, self.proc.kill)

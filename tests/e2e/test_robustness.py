@@ -22,7 +22,7 @@ def test_server_down_cached_pages_read_uncached_fail_naming_the_host(server, age
     assert r["code"] & 0xFF == 10, r  # SQLITE_IOERR
     msg = a.one("big", "pragma litevfs_last_error")
     assert f"cannot reach the page store at {server.url}" in msg
-    assert server.url in "".join(a.stderr)
+    assert server.url in a.stderr_with(server.url)
 
 
 def test_open_with_the_store_down_fails_naming_the_host(server, env):

@@ -91,15 +91,7 @@ impl Store {
     pub fn upload(&self, key: &DbKey, len: u64, body: impl Read) -> StoreResult<Pos> {
         let mut r = BufReader::new(body);
         let (first, hdr, commit) = image_geometry(&mut r, len)?;
-        let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
-            if pgno == 1 {
-                buf[..first.len()].copy_from_slice(&first);
-                r.read_exact(&mut buf[first.len()..])?;
-            } else {
-                r.read_exact(buf)?;
-            }
-            Ok(())
-        };
+        let mut fill = |pgno: u32, buf: &mut [u8]| next_page(&mut r, &first, pgno, buf);
         let mut verify = |head: &verify::Head, sink: &mut dyn PageSink| {
             verify::image(head, hdr.page_size, commit, ltx::now_ms(), &mut fill, sink)
         };
@@ -145,15 +137,7 @@ impl Store {
                 None => Ok(()),
             }
         };
-        let mut fill = |pgno: u32, buf: &mut [u8]| -> StoreResult<()> {
-            if pgno == 1 {
-                buf[..first.len()].copy_from_slice(&first);
-                r.read_exact(&mut buf[first.len()..])?;
-            } else {
-                r.read_exact(buf)?;
-            }
-            Ok(())
-        };
+        let mut fill = |pgno: u32, buf: &mut [u8]| next_page(&mut r, &first, pgno, buf);
         let placed = std::cell::RefCell::new(None);
         let done = self.write(|tx| {
             let c = commit_rows(tx, key, &self.local(), Some(&mut inc), |head, sink| {
@@ -316,6 +300,18 @@ impl<'a> ImageReader<'a> {
         buf.copy_from_slice(&data);
         Ok(())
     }
+}
+
+/// Reads page `pgno` of an image from `r`, which is past the header bytes `first` (page 1
+/// starts with them).
+fn next_page(r: &mut impl Read, first: &[u8], pgno: u32, buf: &mut [u8]) -> StoreResult<()> {
+    if pgno == 1 {
+        buf[..first.len()].copy_from_slice(first);
+        r.read_exact(&mut buf[first.len()..])?;
+    } else {
+        r.read_exact(buf)?;
+    }
+    Ok(())
 }
 
 /// Reads the SQLite header of an image of `len` bytes; returns its first bytes, the header and
