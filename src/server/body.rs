@@ -70,23 +70,11 @@ impl Spool {
                 f.seek(SeekFrom::Start(0))?;
                 Ok(Box::new(f))
             }
-            Spool::Incoming(inc, _) => Ok(Box::new(IncomingReader {
-                file: inc.reader()?,
-                _inc: inc,
-            })),
+            Spool::Incoming(mut inc, _) => {
+                inc.rewind()?;
+                Ok(Box::new(inc))
+            }
         }
-    }
-}
-
-/// Reads an incoming file, which is removed when the reader is dropped.
-struct IncomingReader {
-    file: std::fs::File,
-    _inc: crate::server::store::Incoming,
-}
-
-impl Read for IncomingReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.file.read(buf)
     }
 }
 
@@ -323,11 +311,16 @@ pub async fn spool(
             Some((f, n)) => {
                 // Small synchronous writes into the page cache; the store syncs a file it
                 // keeps, a temporary one is never synced.
-                tokio::task::block_in_place(|| f.write_all(&chunk)).map_err(spool_write_error)?;
                 *n += chunk.len() as u64;
-                if let Some(inc) = incoming.as_mut() {
-                    inc.received(*n);
-                }
+                // Starting the write-back may wait for the disk's queue: off the executor too.
+                tokio::task::block_in_place(|| {
+                    f.write_all(&chunk)?;
+                    if let Some(inc) = incoming.as_mut() {
+                        inc.received(*n);
+                    }
+                    Ok(())
+                })
+                .map_err(spool_write_error)?;
             }
             None => mem.extend_from_slice(&chunk),
         }

@@ -109,7 +109,7 @@ impl Drop for Checkpointer {
 }
 
 /// One round: passive when `log` bytes of frames were written since the last round that ran,
-/// truncating when the file is too large. Returns whether it ran one.
+/// truncating when the file is too large. Returns whether one ran.
 pub fn checkpoint(conn: &Connection, wal: &Path, log: u64) -> bool {
     let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
     if log < CHECKPOINT_AT && size <= WAL_SIZE_LIMIT as u64 {
@@ -128,8 +128,12 @@ pub fn checkpoint(conn: &Connection, wal: &Path, log: u64) -> bool {
         Ok((busy, log, done)) => {
             tracing::debug!(mode, busy, log, done, bytes = size, "checkpoint")
         }
-        // Busy: a reader or the writer held it past TRUNCATE_WAIT; the next round retries.
-        Err(e) => tracing::debug!(mode, "checkpoint deferred: {e}"),
+        // Busy: a reader or the writer held it past TRUNCATE_WAIT; the next round retries (the
+        // frames it did not copy still count).
+        Err(e) => {
+            tracing::debug!(mode, "checkpoint deferred: {e}");
+            return false;
+        }
     }
     true
 }

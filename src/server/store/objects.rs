@@ -131,12 +131,25 @@ impl Incoming {
         }
     }
 
+    /// Moves the read position back to the start (the file is also read as it is, through
+    /// `Read`, and removed when dropped).
+    pub fn rewind(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        self.file.rewind()
+    }
+
     /// A reader of the file from its start.
     pub fn reader(&self) -> std::io::Result<File> {
         use std::io::Seek;
         let mut f = self.file.try_clone()?;
         f.seek(std::io::SeekFrom::Start(0))?;
         Ok(f)
+    }
+}
+
+impl std::io::Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
     }
 }
 
