@@ -3,12 +3,15 @@
 //!
 //! Invariant: in local mode the file is verified and stored inside one IMMEDIATE SQLite
 //! transaction, so a refused file leaves no trace and an accepted one is durable before the
-//! reply. It does not parse HTTP or spool bodies.
+//! reply: a file of up to [`commitlog::MAX_PAYLOAD`] through the commit log (its record synced
+//! before the SQLite commit, which then does not sync), a larger one by a synced SQLite commit.
+//! It does not parse HTTP or spool bodies.
 
 use std::io::Read;
 
+use super::commitlog::{self, Staged};
 use super::publish::LeaseRule;
-use super::{DbKey, Store, StoreResult, commit_rows, verify};
+use super::{DbKey, Store, StoreResult, TxnRow, commit_rows, synchronous, verify};
 use crate::wire::Pos;
 
 /// What an accepted file did.
@@ -42,13 +45,7 @@ impl Store {
                 })?
             }
             None => {
-                let applied = self.write(|tx| {
-                    self.leases.check_write(key, lease)?;
-                    let c = commit_rows(tx, key, &self.local(), None, |head, sink| {
-                        verify::ltx(head, len, body, sink)
-                    })?;
-                    Ok((c.row, c.stored))
-                })?;
+                let applied = self.commit_local(key, lease, len, body)?;
                 self.notify();
                 applied
             }
@@ -57,6 +54,59 @@ impl Store {
             pos: row.pos(),
             pages_stored: stored,
         })
+    }
+}
+
+impl Store {
+    /// Local mode: verifies and commits one LTX file, through the commit log when it takes it.
+    fn commit_local(
+        &self,
+        key: &DbKey,
+        lease: Option<&str>,
+        len: u64,
+        mut body: impl Read,
+    ) -> StoreResult<(TxnRow, u64)> {
+        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let log = guard.as_mut().expect("a local store has a commit log");
+        let staged = log.stage(key, &mut body, len)?;
+        synchronous(&conn, staged != Staged::Logged)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.leases.check_write(key, lease)?;
+        let c = match staged {
+            Staged::Logged => {
+                let c = commit_rows(&tx, key, &self.local(), None, |head, sink| {
+                    verify::ltx(head, len, log.payload(), sink)
+                })?;
+                commitlog::set_lsn(&tx, log.next_lsn())?;
+                // Durable first; then the commit makes it visible.
+                if let Err(e) = log.append() {
+                    log.undo();
+                    return Err(e.into());
+                }
+                if let Err(e) = tx.commit() {
+                    log.undo();
+                    return Err(e.into());
+                }
+                log.committed();
+                c
+            }
+            Staged::TooLarge | Staged::Full => {
+                let c = commit_rows(&tx, key, &self.local(), None, |head, sink| {
+                    verify::ltx(head, len, body, sink)
+                })?;
+                tx.commit()?;
+                if staged == Staged::Full {
+                    // That synced commit made every logged one durable in `store.db`.
+                    log.restart();
+                }
+                c
+            }
+        };
+        drop(guard);
+        drop(conn);
+        self.checkpointer.kick();
+        Ok((c.row, c.stored))
     }
 }
 

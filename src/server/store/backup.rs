@@ -17,7 +17,7 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::objects::{DIR, LOCAL_FILE};
-use super::{StoreError, StoreResult};
+use super::{Store, StoreError, StoreResult};
 
 /// Name of the lock file in the data directory.
 const LOCK: &str = "BACKUP.lock";
@@ -78,8 +78,6 @@ pub fn backup(data_dir: &Path, dest: &Path) -> StoreResult<BackedUp> {
             dest.display()
         )));
     }
-    let lock = lock_file(data_dir)?;
-    flock(&lock, libc::LOCK_SH)?;
     let conn = Connection::open_with_flags(&src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     let mode: Option<String> = conn
@@ -94,6 +92,16 @@ pub fn backup(data_dir: &Path, dest: &Path) -> StoreResult<BackedUp> {
             data_dir.display()
         )));
     }
+    // With no server on it, the store may have commits that only its commit log holds (the
+    // machine crashed): opening it applies them, as a server's start would, and keeps a server
+    // from starting until the copy is done.
+    let _opened = match Store::open(data_dir, std::time::Duration::from_secs(u32::MAX.into())) {
+        Ok(store) => Some(store),
+        Err(StoreError::Locked(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let lock = lock_file(data_dir)?;
+    flock(&lock, libc::LOCK_SH)?;
     std::fs::create_dir_all(dest.join(DIR))?;
     let partial = dest.join("store.db.partial");
     {

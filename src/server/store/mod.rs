@@ -3,9 +3,10 @@
 //! Owns all persistent state (in `DATA_DIR/store.db`, see [`schema`]) and the in-memory leases.
 //! Invariants:
 //! - every accepted transaction (an LTX file, an upload, a restore) is exactly one SQLite
-//!   transaction on the single writer connection, committed with `synchronous=FULL` before the
-//!   caller replies, so a crash leaves each database at its last acknowledged position; the
-//!   reply waits for nothing else (checkpoints run on their own thread, [`checkpoint`]);
+//!   transaction on the single writer connection, durable before the caller replies (committed
+//!   with `synchronous=FULL`, or, for a small LTX file, synced as a record of the commit log
+//!   first, [`commitlog`]), so a crash leaves each database at its last acknowledged position;
+//!   the reply waits for nothing else (checkpoints run on their own thread, [`checkpoint`]);
 //! - bad input is detected inside that transaction and rolls it back, so it changes nothing;
 //! - every position newer than the retention window can be read back page by page.
 //!
@@ -15,6 +16,7 @@
 mod apply;
 pub mod backup;
 mod checkpoint;
+mod commitlog;
 mod compact_bucket;
 mod evict;
 pub(super) mod image;
@@ -170,6 +172,8 @@ pub struct Store {
     checkpointer: checkpoint::Checkpointer,
     /// Local mode: files holding the page bytes of large uploads.
     objects: Objects,
+    /// Local mode: makes small transactions durable ([`commitlog`]); locked under `writer`.
+    log: Mutex<Option<commitlog::CommitLog>>,
     /// `DATA_DIR/LOCK`, flocked for the store's lifetime (released by the kernel on exit).
     _lock: std::fs::File,
 }
@@ -244,12 +248,17 @@ impl Store {
             None => store_id(&writer)?,
         };
         let objects = Objects::new(data_dir);
-        if remote.is_none() {
-            objects.open(&writer)?;
-        }
+        let mut writer = writer;
+        let log = match remote {
+            Some(_) => None,
+            None => {
+                objects.open(&writer)?;
+                let fetch = LocalBytes { objects: &objects };
+                Some(commitlog::recover(data_dir, &mut writer, &fetch)?.0)
+            }
+        };
         let checkpointer = checkpoint::Checkpointer::start(&path)?;
         let frames = checkpointer.frames();
-        let mut writer = writer;
         // The frames in the log after each commit: when to checkpoint (see [`checkpoint`]).
         writer.wal_hook(Some(
             move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
@@ -260,6 +269,7 @@ impl Store {
         Ok(Store {
             checkpointer,
             objects,
+            log: Mutex::new(log),
             path,
             tmp_dir,
             writer: Mutex::new(writer),
@@ -363,9 +373,12 @@ impl Store {
         self.changes.send_modify(|v| *v += 1);
     }
 
-    /// Runs `f` in one IMMEDIATE transaction on the writer connection; commits if `f` succeeds.
+    /// Runs `f` in one IMMEDIATE transaction on the writer connection; commits if `f` succeeds,
+    /// with a sync.
     fn write<T>(&self, f: impl FnOnce(&Transaction) -> StoreResult<T>) -> StoreResult<T> {
         let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // A logged commit ([`apply`]) left it at NORMAL; this write is not in the log.
+        synchronous(&conn, true)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
@@ -521,6 +534,18 @@ fn store_id(conn: &Connection) -> rusqlite::Result<String> {
 
 /// Takes an exclusive, non-blocking `flock` on `DATA_DIR/LOCK`, so two servers never share a
 /// data directory (their in-memory leases would disagree).
+/// Sets the writer's `synchronous`: FULL (a commit syncs) or NORMAL (a commit whose record the
+/// commit log made durable). Only between transactions: SQLite refuses it inside one.
+fn synchronous(conn: &Connection, full: bool) -> rusqlite::Result<()> {
+    let sql = if full {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    };
+    conn.prepare_cached(sql)?.raw_execute()?;
+    Ok(())
+}
+
 fn lock_data_dir(data_dir: &Path) -> StoreResult<std::fs::File> {
     use std::os::fd::AsRawFd;
     let f = std::fs::OpenOptions::new()

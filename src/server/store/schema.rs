@@ -2,7 +2,8 @@
 //!
 //! Owns table layout and connection settings. Invariant: the writer connection runs in WAL mode
 //! with `synchronous=FULL`, so a committed SQLite transaction is on disk before `COMMIT`
-//! returns; readers are separate read-only connections that see one consistent snapshot per
+//! returns, except for a small transaction whose record the commit log already made durable
+//! ([`super::commitlog`], which sets `synchronous=NORMAL` around it); readers are separate read-only connections that see one consistent snapshot per
 //! read transaction. It does not decide what goes into the tables.
 
 use std::path::Path;
