@@ -184,6 +184,90 @@ pub fn server_kill(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, 
     server_kill_on(ctx, store, budget, rng, false)
 }
 
+/// A crash of the machine under a writer: what the store wrote but had not synced is lost, and
+/// every acknowledged commit must come back from its commit log. Simulated with real processes:
+/// after some acknowledged commits the store is backed up with `litevfs backup` (a committed
+/// state of `store.db`), more commits are acknowledged, the store is killed, and its `store.db`
+/// is replaced with the backup's before the restart. That is a state a crash can leave only if
+/// nothing synced `store.db` after the backup: the writer's small commits never do, and the
+/// commit log, which starts over at each start, holds hundreds of them before it fills (the
+/// commit that fills it is synced). So the writer is stopped (SIGSTOP) while the backup runs and
+/// before the kill, and a trial ends after at most [`MC_MAX_COMMITS`] commits since the start.
+pub fn machine_crash(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, Error> {
+    let mut t = Tally::default();
+    let mut store = Store::start(ctx, "machine-crash", &[])?;
+    let url = store.url();
+    let cache = ctx.subdir("machine-crash-cache");
+    let mut w = Worker::spawn(ctx, &url, &cache, &["writer", "mc", ROWS])?;
+    let deadline = Instant::now() + budget;
+    while t.trials == 0 || Instant::now() < deadline {
+        // Commits since this start: acknowledged, plus one in flight at each stop.
+        let mut since = 2;
+        let mut backup = None;
+        for phase in 0..2 {
+            for _ in 0..rng.range(1, MC_MAX_COMMITS / 2 - 10) {
+                if w.expect("ack ", LONG).is_none() {
+                    return Err(Error("machine-crash: the writer stopped committing".into()));
+                }
+                since += 1;
+            }
+            since += stop_and_count(&mut w);
+            if phase == 0 {
+                let dir = ctx.subdir(&format!("machine-crash-backup{}", t.trials));
+                store.backup(&dir)?;
+                backup = Some(dir);
+                w.signal("-CONT");
+            }
+        }
+        t.errors_5xx += store.count_5xx();
+        crashed(&mut t, &mut store)?;
+        if since > MC_MAX_COMMITS {
+            return Err(Error(format!(
+                "machine-crash: {since} commits in one trial, more than the commit log is known \
+                 to hold without a sync"
+            )));
+        }
+        store.kill9();
+        let backup = backup.expect("taken in the first phase");
+        store.lose_unsynced(&backup)?;
+        let _ = std::fs::remove_dir_all(&backup);
+        w.signal("-CONT");
+        t.trials += 1;
+        store.restart()?;
+    }
+    if w.expect("ack ", LONG).is_none() {
+        t.notes
+            .push("the writer did not commit again after the last restart".into());
+        t.wrong += 1;
+    }
+    let (_, a, _) = finish_writer(&mut t, w);
+    t.notes.push(format!(
+        "each restart brought back from the commit log what the backup lacked; {} lost replies \
+         settled",
+        t.resolved
+    ));
+    let c = check(ctx, &url, "mc", 0)?;
+    judge(&mut t, &c, a.iter().copied().max().unwrap_or(0), "mc");
+    t.errors_5xx += store.count_5xx();
+    Ok(t)
+}
+
+/// Most commits of one machine-crash trial: the writer's commits are a few KiB, so the 8 MiB
+/// commit log holds several hundred.
+const MC_MAX_COMMITS: u64 = 140;
+
+/// Stops `w` (SIGSTOP) and reads what it printed until then; returns the acknowledgements in it.
+fn stop_and_count(w: &mut Worker) -> u64 {
+    w.signal("-STOP");
+    let mut acks = 0;
+    while let Some(l) = w.line(ms(200)) {
+        if l.starts_with("ack ") {
+            acks += 1;
+        }
+    }
+    acks
+}
+
 /// The same on object storage (moto's S3 server from `.venv`, on loopback): a third of the
 /// restarts also lose the data directory, which is only a cache of the bucket.
 pub fn server_kill_s3(ctx: &Ctx, budget: Duration, rng: &mut Rng) -> Result<Tally, Error> {

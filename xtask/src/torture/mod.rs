@@ -10,6 +10,9 @@
 //! - `server-kill`: kill -9 of the page store under a writer, restarted on its data directory.
 //! - `server-kill-s3`: the same with `--store s3://` on moto's S3 server (from `.venv`), a third
 //!   of the restarts on an empty data directory.
+//! - `machine-crash`: a crash of the store's machine under a writer: killed, with `store.db`
+//!   put back to a backup taken a few commits earlier (what it held when last synced), so every
+//!   acknowledged commit after it must come back from the commit log.
 //! - `lease-race`: processes racing for the lease to increment one counter.
 //! - `stopped-holder`: a lease holder stopped (SIGSTOP) past its lease, resumed, committing.
 //! - `lost-replies`: a proxy that loses commits and their replies.
@@ -60,6 +63,7 @@ const EXPERIMENTS: &[(&str, u32, Experiment)] = &[
     ("writer-kill", 20, experiments::writer_kill),
     ("server-kill", 15, experiments::server_kill),
     ("server-kill-s3", 10, experiments::server_kill_s3),
+    ("machine-crash", 8, experiments::machine_crash),
     ("lease-race", 12, experiments::lease_race),
     ("stopped-holder", 8, experiments::stopped_holder),
     ("lost-replies", 10, experiments::lost_replies),

@@ -120,6 +120,37 @@ impl Store {
         }
     }
 
+    /// `litevfs backup` of the data directory into `dest` (new or empty), while it serves.
+    pub fn backup(&self, dest: &Path) -> Result<(), Error> {
+        let out = Command::new(&self.bin)
+            .arg("backup")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg(dest)
+            .output()?;
+        if !out.status.success() {
+            return Err(Error(format!(
+                "litevfs backup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// With the server killed: what a crash of the machine leaves when `store.db` had synced
+    /// no later than `backup`'s copy of it (the write-ahead log goes, the copy takes its place;
+    /// the commit log stays).
+    pub fn lose_unsynced(&self, backup: &Path) -> Result<(), Error> {
+        for ext in ["-wal", "-shm"] {
+            let f = self.data.join(format!("store.db{ext}"));
+            if f.exists() {
+                std::fs::remove_file(f)?;
+            }
+        }
+        std::fs::copy(backup.join("store.db"), self.data.join("store.db"))?;
+        Ok(())
+    }
+
     /// A crash: the server ended without being killed.
     pub fn crashed(&mut self) -> Option<ExitStatus> {
         self.server.as_mut().and_then(Server::exited)
