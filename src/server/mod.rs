@@ -34,6 +34,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Becomes `true` when the server starts shutting down (ends long-polls early).
     pub shutdown: watch::Receiver<bool>,
+    /// Workers applying a commit on their own thread ([`handlers::inline_or_in_place`]).
+    pub inline_commits: std::sync::atomic::AtomicUsize,
 }
 
 /// Runs `litevfs serve` until SIGTERM or ctrl-c.
@@ -168,6 +170,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         store: Arc::new(store),
         metrics: Metrics::default(),
         shutdown: shutdown_rx,
+        inline_commits: std::sync::atomic::AtomicUsize::new(0),
     });
     tokio::spawn(compaction_loop(app.clone()));
     if let Some(b) = &app.config.bucket {

@@ -68,6 +68,9 @@ pub struct Cache {
     lru: LruCache<Pgno, Slot>,
     free: Vec<u32>,
     next_slot: u32,
+    /// No cached page has a higher number: [`Cache::truncate`] to at least this many pages,
+    /// which every commit asks for, has nothing to drop and scans nothing.
+    high: u32,
     index_dirty: bool,
     last_persist: Option<std::time::Instant>,
 }
@@ -120,6 +123,7 @@ impl Cache {
             lru: LruCache::unbounded(),
             free: Vec::new(),
             next_slot: 0,
+            high: 0,
             index_dirty: false,
             last_persist: None,
         };
@@ -227,6 +231,7 @@ impl Cache {
     }
 
     fn record(&mut self, pgno: Pgno, slot: Slot) {
+        self.high = self.high.max(pgno.0);
         if pgno == Pgno::ONE {
             self.page1 = Some(slot);
         } else {
@@ -315,6 +320,10 @@ impl Cache {
 
     /// Drops every page past `pages` (the database shrank).
     pub fn truncate(&mut self, pages: u32) {
+        if pages >= self.high {
+            return;
+        }
+        self.high = pages;
         let gone: Vec<Pgno> = self
             .lru
             .iter()
@@ -335,6 +344,7 @@ impl Cache {
         self.page1 = None;
         self.free.clear();
         self.next_slot = 0;
+        self.high = 0;
         self.page_size = 0;
         self.pos = Pos::ZERO;
         self.data.set_len(0).map_err(io_err(&self.data_path()))?;
@@ -511,6 +521,42 @@ mod tests {
         c.put(Pgno(1), &page(1), full).unwrap();
         c.put(Pgno(2), &page(2), full).unwrap();
         assert!(c.contains(Pgno(1)));
+    }
+
+    #[test]
+    fn truncate_drops_pages_past_the_end_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir.path(), "db", false).unwrap().unwrap();
+        let many = Bounds {
+            max_pages: 100,
+            min_free_bytes: 0,
+        };
+        for p in 1..=6 {
+            c.put(Pgno(p), &page(p as u8), many).unwrap();
+        }
+        c.truncate(6);
+        c.truncate(9);
+        assert_eq!(c.len(), 6, "growing or keeping the size drops nothing");
+        c.truncate(4);
+        assert!(c.contains(Pgno(4)) && !c.contains(Pgno(5)) && !c.contains(Pgno(6)));
+        // Pages put back past a cut are dropped by the next one.
+        c.put(Pgno(8), &page(8), many).unwrap();
+        c.truncate(5);
+        assert!(!c.contains(Pgno(8)) && c.contains(Pgno(4)));
+        c.truncate(0);
+        assert!(c.is_empty());
+        // A page checked on read is recorded again: still dropped by a later cut.
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir2.path(), "db", true).unwrap().unwrap();
+        c.put(Pgno(1), &page(1), many).unwrap();
+        c.put(Pgno(3), &page(3), many).unwrap();
+        c.persist().unwrap();
+        drop(c);
+        let mut c = Cache::open(dir2.path(), "db", true).unwrap().unwrap();
+        let mut buf = page(0);
+        assert!(c.get(Pgno(3), &mut buf).unwrap());
+        c.truncate(2);
+        assert!(!c.contains(Pgno(3)) && c.contains(Pgno(1)));
     }
 
     #[test]

@@ -94,8 +94,9 @@ pub struct Client {
     cluster: Option<String>,
     cluster_id: String,
     commit_deadline: Duration,
-    /// The direct path for commits, when the store is plain `http://` without a proxy.
-    http1: Option<Http1>,
+    /// The direct path for commits, when the store is plain `http://` without a proxy, and
+    /// the URL of `/db/tx` on it (parsed once: a parse costs more than the rest of the head).
+    http1: Option<(Http1, reqwest::Url)>,
 }
 
 const USER_AGENT: &str = concat!("litevfs/", env!("CARGO_PKG_VERSION"));
@@ -121,7 +122,11 @@ impl Client {
         let http1 = reqwest::Url::parse(&config.host)
             .ok()
             .filter(|_| config.token.as_deref().is_none_or(header_safe))
-            .and_then(|base| Http1::for_url(&base, USER_AGENT));
+            .and_then(|base| Http1::for_url(&base, USER_AGENT))
+            .and_then(|h| {
+                let tx = reqwest::Url::parse(&format!("{}/db/tx", config.host)).ok()?;
+                Some((h, tx))
+            });
         Ok(Client {
             http1,
             http,
@@ -357,8 +362,8 @@ impl Client {
         let timeout =
             REQUEST_TIMEOUT + Duration::from_millis(ltx.len() / SLOWEST_COMMIT_BYTES_PER_MS);
         let query = [("db", db.to_string())];
-        if let Some(http1) = self.http1.as_ref().filter(|_| header_safe(lease_id)) {
-            return self.write_tx_http1(http1, &query, lease_id, ltx, timeout);
+        if let Some((http1, url)) = self.http1.as_ref().filter(|_| header_safe(lease_id)) {
+            return self.write_tx_http1(http1, url.clone(), &query, lease_id, ltx, timeout);
         }
         let rb = self
             .request(reqwest::Method::POST, "/db/tx", &query)
@@ -374,17 +379,12 @@ impl Client {
     fn write_tx_http1(
         &self,
         http1: &Http1,
+        mut url: reqwest::Url,
         query: &[(&str, String)],
         lease_id: &str,
         ltx: &SpillBuf,
         timeout: Duration,
     ) -> Result<()> {
-        let mut url = reqwest::Url::parse(&format!("{}/db/tx", self.host)).map_err(|e| {
-            ClientError::Unreachable {
-                host: self.host.clone(),
-                detail: format!("invalid URL: {e}"),
-            }
-        })?;
         {
             let mut pairs = url.query_pairs_mut();
             pairs.extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));

@@ -133,13 +133,22 @@ impl Http1 {
 }
 
 /// Whether an idle connection can carry a request: the peer has neither closed it nor sent
-/// anything (an unsolicited byte means the stream is out of step).
+/// anything (an unsolicited byte means the stream is out of step). One non-blocking peek
+/// (`MSG_DONTWAIT`), so the socket stays blocking and no mode switch costs two more calls.
 fn still_open(s: &TcpStream) -> bool {
-    if s.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let open = matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-    open && s.set_nonblocking(false).is_ok()
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: the descriptor belongs to `s`, which outlives the call; the buffer is one valid,
+    // writable byte, and its length says so.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
 fn timed_out() -> io::Error {
@@ -454,6 +463,27 @@ mod tests {
             (bodies, last),
             ([b"ltx".to_vec(), b"ltx".to_vec()], b"ltx".to_vec())
         );
+    }
+
+    /// An idle connection is usable while the peer is silent, and not once it sent a byte or
+    /// closed; checking leaves the socket blocking.
+    #[test]
+    fn still_open_tells_idle_from_closed_or_out_of_step() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        assert!(still_open(&client));
+        assert!(still_open(&client), "a check consumes nothing");
+        peer.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!still_open(&client));
+        let mut byte = [0u8; 1];
+        (&client).read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x", "the peeked byte is still there, read blocking");
+        drop(peer);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!still_open(&client));
     }
 
     /// A store that refuses a body it did not read (413) and closes: the caller gets the 413,

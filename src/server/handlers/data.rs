@@ -16,7 +16,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{blocking, db_key, in_place, parse_pos, spool_body, writable_db_key};
+use super::{
+    INLINE_MAX_BODY, blocking, db_key, in_place, inline_or_in_place, parse_pos, spool_body,
+    writable_db_key,
+};
 use crate::server::App;
 use crate::server::auth::{Caller, Params};
 use crate::server::error::{ApiError, ApiResult};
@@ -72,11 +75,15 @@ pub async fn post_tx(
     let limit = crate::server::body::Limit::Bytes(app.config.max_body_size);
     let spooled = spool_body(&app, &headers, body, limit).await?;
     let store = app.store.clone();
-    let applied = in_place(move || {
-        let len = spooled.len();
-        store.apply_ltx(&key, lease.as_deref(), len, spooled.into_reader()?)
-    })
-    .await?;
+    let len = spooled.len();
+    let apply = move || store.apply_ltx(&key, lease.as_deref(), len, spooled.into_reader()?);
+    // A small commit to a local store is a few hundred microseconds of work: applied on this
+    // worker when another stays free. A bucket's store waits for object storage: never here.
+    let applied = if len <= INLINE_MAX_BODY && app.config.bucket.is_none() {
+        inline_or_in_place(&app.inline_commits, apply).await?
+    } else {
+        in_place(apply).await?
+    };
     Metrics::add(&app.metrics.commits, 1);
     Metrics::add(&app.metrics.commit_pages, applied.pages_stored);
     // Everything accepted is durable in this store, so the high-water mark is the new head.
