@@ -39,9 +39,16 @@ pub struct Checkpointer {
     thread: Option<JoinHandle<()>>,
     /// Frames in the log as of the last commit ([`Checkpointer::frames`]).
     frames: Arc<AtomicU64>,
+    /// Frames in the log at the last checkpoint: only frames written since count (fewer frames
+    /// than then: the log restarted from its start).
+    last: Arc<AtomicU64>,
+    /// Bytes of one frame's page.
+    page_size: u64,
     /// Checkpoints run (for tests).
     #[cfg_attr(not(test), allow(dead_code))]
     runs: Arc<AtomicU64>,
+    /// Times the thread was woken by [`Checkpointer::kick`] (for tests).
+    kicks: AtomicU64,
 }
 
 impl Checkpointer {
@@ -55,19 +62,20 @@ impl Checkpointer {
         let wal = PathBuf::from(format!("{}-wal", path.display()));
         let (tx, rx) = mpsc::sync_channel::<()>(1);
         let frames = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(AtomicU64::new(0));
         let runs = Arc::new(AtomicU64::new(0));
-        let (f, n) = (frames.clone(), runs.clone());
+        let (f, l, n) = (frames.clone(), last.clone(), runs.clone());
         let thread = std::thread::Builder::new()
             .name("litevfs-checkpoint".into())
             .spawn(move || {
-                // Frames in the log at the last checkpoint: only frames written since count
-                // (fewer frames than then: the log restarted from its start).
-                let mut last = 0;
                 while let Ok(()) | Err(RecvTimeoutError::Timeout) = rx.recv_timeout(RETRY) {
                     let now = f.load(Ordering::Relaxed);
-                    let new = if now < last { now } else { now - last };
-                    if checkpoint(&conn, &wal, new * page_size) {
-                        last = now;
+                    if checkpoint(
+                        &conn,
+                        &wal,
+                        since(now, l.load(Ordering::Relaxed)) * page_size,
+                    ) {
+                        l.store(now, Ordering::Relaxed);
                         n.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -77,7 +85,10 @@ impl Checkpointer {
             kick: Some(tx),
             thread: Some(thread),
             frames,
+            last,
+            page_size,
             runs,
+            kicks: AtomicU64::new(0),
         })
     }
 
@@ -91,8 +102,18 @@ impl Checkpointer {
         self.runs.load(Ordering::Relaxed)
     }
 
-    /// Tells the thread the log grew (never blocks).
+    /// Tells the thread the log grew, once enough did for a checkpoint (never blocks). Waking
+    /// it after every commit cost a context switch per commit, on the reply's path. A log past
+    /// its size limit needs no kick: the thread looks at it every [`RETRY`].
     pub fn kick(&self) {
+        let new = since(
+            self.frames.load(Ordering::Relaxed),
+            self.last.load(Ordering::Relaxed),
+        );
+        if new * self.page_size < CHECKPOINT_AT {
+            return;
+        }
+        self.kicks.fetch_add(1, Ordering::Relaxed);
         if let Some(tx) = &self.kick {
             let _ = tx.try_send(());
         }
@@ -106,6 +127,11 @@ impl Drop for Checkpointer {
             let _ = t.join();
         }
     }
+}
+
+/// Frames written since the checkpoint that saw `last` frames, when the log now has `now`.
+fn since(now: u64, last: u64) -> u64 {
+    if now < last { now } else { now - last }
 }
 
 /// One round: passive when `log` bytes of frames were written since the last round that ran,
@@ -182,6 +208,12 @@ mod tests {
             runs >= 2,
             "{runs} checkpoints: the log must still be checkpointed"
         );
+        // Woken only when a checkpoint is due, not after every commit.
+        let kicks = store
+            .checkpointer
+            .kicks
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(kicks * 10 < n, "{kicks} wake-ups for {n} commits");
     }
 
     use super::super::{DbKey, Store};
