@@ -7,11 +7,12 @@
 //! writes: a passive checkpoint once the frames written since the last one pass
 //! [`CHECKPOINT_AT`] (it never blocks the writer or readers; the file's size is no measure, as
 //! it stays at its largest while the log restarts from its start, and a log that a steady
-//! writer never lets restart is not checkpointed again after every commit), and when the file
-//! has grown
-//! past [`super::schema::WAL_SIZE_LIMIT`] (a large upload or compaction) a truncating one, which waits at most [`TRUNCATE_WAIT`] for readers and
-//! is retried every [`RETRY`] until it succeeds, so an idle store gives the space back without
-//! waiting for the next write.
+//! writer never lets restart is not checkpointed again after every commit). When the file has
+//! grown past [`super::schema::WAL_SIZE_LIMIT`] (readers kept the log from restarting, or a
+//! large transaction), a restarting checkpoint under commits, or a truncating one once no commit
+//! came for a round, each waiting at most [`TRUNCATE_WAIT`] for readers and retried every
+//! [`RETRY`] until it succeeds, so an idle store gives the space back without waiting for the
+//! next write (see [`mode`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,13 +69,14 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("litevfs-checkpoint".into())
             .spawn(move || {
+                // Frames at the previous round: unchanged means no commit came in between.
+                let mut seen = u64::MAX;
                 while let Ok(()) | Err(RecvTimeoutError::Timeout) = rx.recv_timeout(RETRY) {
                     let now = f.load(Ordering::Relaxed);
-                    if checkpoint(
-                        &conn,
-                        &wal,
-                        since(now, l.load(Ordering::Relaxed)) * page_size,
-                    ) {
+                    let idle = now == seen;
+                    seen = now;
+                    let log = since(now, l.load(Ordering::Relaxed)) * page_size;
+                    if checkpoint(&conn, &wal, log, idle) {
                         l.store(now, Ordering::Relaxed);
                         n.fetch_add(1, Ordering::Relaxed);
                     }
@@ -134,17 +136,30 @@ fn since(now: u64, last: u64) -> u64 {
     if now < last { now } else { now - last }
 }
 
-/// One round: passive when `log` bytes of frames were written since the last round that ran,
-/// truncating when the file is too large. Returns whether one ran.
-pub fn checkpoint(conn: &Connection, wal: &Path, log: u64) -> bool {
-    let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
-    if log < CHECKPOINT_AT && size <= WAL_SIZE_LIMIT as u64 {
-        return false;
-    }
-    let mode = if size > WAL_SIZE_LIMIT as u64 {
-        "TRUNCATE"
+/// The checkpoint a round runs, if any, for a log file of `size` bytes with `log` bytes of
+/// frames written since the last checkpoint; `idle`: no commit since the previous round.
+///
+/// A file past [`WAL_SIZE_LIMIT`] means the log has not restarted from its start (readers kept
+/// it in use): a restarting checkpoint makes the next commit start it over, keeping the file
+/// and its cached pages, which SQLite then cuts back to the limit. Truncating it to nothing
+/// under steady commits made each cycle allocate the file's blocks and pages again, which cost
+/// a commit as much as its own writes. An idle store's file is truncated, giving the space
+/// back.
+fn mode(size: u64, log: u64, idle: bool) -> Option<&'static str> {
+    if size > WAL_SIZE_LIMIT as u64 {
+        Some(if idle { "TRUNCATE" } else { "RESTART" })
+    } else if log >= CHECKPOINT_AT {
+        Some("PASSIVE")
     } else {
-        "PASSIVE"
+        None
+    }
+}
+
+/// One round (see [`mode`]). Returns whether a checkpoint ran.
+pub fn checkpoint(conn: &Connection, wal: &Path, log: u64, idle: bool) -> bool {
+    let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
+    let Some(mode) = mode(size, log, idle) else {
+        return false;
     };
     let r: rusqlite::Result<(i64, i64, i64)> =
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
@@ -217,6 +232,17 @@ mod tests {
     }
 
     use super::super::{DbKey, Store};
+
+    #[test]
+    fn the_log_restarts_under_commits_and_is_truncated_when_idle() {
+        use super::{CHECKPOINT_AT, WAL_SIZE_LIMIT, mode};
+        let big = WAL_SIZE_LIMIT as u64 + 1;
+        assert_eq!(mode(big, 0, false), Some("RESTART"));
+        assert_eq!(mode(big, CHECKPOINT_AT, false), Some("RESTART"));
+        assert_eq!(mode(big, 0, true), Some("TRUNCATE"));
+        assert_eq!(mode(1 << 20, CHECKPOINT_AT, false), Some("PASSIVE"));
+        assert_eq!(mode(1 << 20, CHECKPOINT_AT - 1, true), None);
+    }
     use crate::ltx::{self, EMPTY_CHECKSUM, checksum_xor, page_checksum};
 
     fn wal_len(dir: &std::path::Path) -> u64 {
