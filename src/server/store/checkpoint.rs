@@ -48,7 +48,7 @@ pub struct Checkpointer {
     /// Checkpoints run (for tests).
     #[cfg_attr(not(test), allow(dead_code))]
     runs: Arc<AtomicU64>,
-    /// Times the thread was woken by [`Checkpointer::kick`] (for tests).
+    /// Wake-ups [`Checkpointer::kick`] sent (a kick while one is pending sends none; for tests).
     kicks: AtomicU64,
 }
 
@@ -115,9 +115,10 @@ impl Checkpointer {
         if new * self.page_size < CHECKPOINT_AT {
             return;
         }
-        self.kicks.fetch_add(1, Ordering::Relaxed);
-        if let Some(tx) = &self.kick {
-            let _ = tx.try_send(());
+        if let Some(tx) = &self.kick
+            && tx.try_send(()).is_ok()
+        {
+            self.kicks.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

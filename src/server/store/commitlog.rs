@@ -16,11 +16,14 @@
 //!   the same SQLite transaction. Every other write to `store.db` is synced (`synchronous=FULL`),
 //!   which makes every earlier logged transaction durable too, so after a crash `store.db` holds
 //!   exactly the logged transactions up to its LSN, and the ones after it are in the log;
-//! - records are written one after another from the start of the file. The log goes back to the
-//!   start only when everything in it is durable in `store.db`: at open, after the records past
-//!   `store.db`'s LSN were applied and synced, and after a transaction that did not fit was
-//!   committed with a sync. Older records further on have lower LSNs, so a scan from the start
-//!   stops at the first record that is torn, zero, or not the next LSN.
+//! - records are written one after another from the start of the file (after its first block,
+//!   which holds a random salt chosen at each open). The log goes back to the start only when
+//!   everything in it is durable in `store.db`: at open, after the records past `store.db`'s
+//!   LSN were applied and synced, and after a transaction that did not fit was committed with a
+//!   sync. Older records further on have lower LSNs or another salt, so a scan from the start
+//!   stops at the first record that is torn, zero, not the next LSN, or not of this open. Every
+//!   record's CRC covers the salt, so bytes a client sent (a page inside a record) can never be
+//!   taken for a record: the client cannot know the salt.
 //!
 //! Recovery ([`recover`]) applies the records past `store.db`'s LSN with the same code that
 //! accepted them ([`super::commit_rows`]), in order, at open. This module does not check leases
@@ -53,6 +56,8 @@ const MAX_NAMES: usize = 1024;
 /// The fixed part of a record: magic, LSN, payload length, name lengths, CRC.
 const HEADER: usize = 32;
 const MAGIC: &[u8; 8] = b"LVCMTLOG";
+/// The first block: this magic, the salt, and a CRC of both.
+const HEADER_MAGIC: &[u8; 8] = b"LVCMTHDR";
 /// The largest record, padded.
 const MAX_RECORD: usize = round_up(HEADER + MAX_NAMES + MAX_PAYLOAD as usize);
 
@@ -67,6 +72,8 @@ pub struct CommitLog {
     file: File,
     /// Where the next record goes.
     head: u64,
+    /// This open's salt (in the first block), part of every record's CRC.
+    salt: u64,
     /// The LSN of the last record whose transaction committed.
     lsn: u64,
     /// Holds the staged record at `start..start + len` (`start` aligned to [`BLOCK`]).
@@ -103,16 +110,22 @@ impl CommitLog {
         buf.truncate(start + MAX_RECORD);
         let mut log = CommitLog {
             file,
-            head: 0,
+            head: BLOCK as u64,
+            salt: rand::random(),
             lsn,
             buf,
             start,
             staged: 0,
             payload_at: 0,
         };
-        // The first block is zeroed: a scan of an unchanged log after a crash finds nothing to
-        // apply, even where the first record was one `store.db` already holds.
-        log.zero_block(0)?;
+        // A new salt: a scan of the log after a crash reads only records written from now on.
+        let block = &mut log.buf[log.start..log.start + BLOCK];
+        block.fill(0);
+        block[..8].copy_from_slice(HEADER_MAGIC);
+        block[8..16].copy_from_slice(&log.salt.to_le_bytes());
+        let crc = CRC64.checksum(&block[..16]);
+        block[16..24].copy_from_slice(&crc.to_le_bytes());
+        log.file.write_all_at(block, 0)?;
         Ok(log)
     }
 
@@ -163,7 +176,7 @@ impl CommitLog {
         let rec = &mut self.buf[self.start..self.start + round_up(total)];
         rec[..8].copy_from_slice(MAGIC);
         rec[8..16].copy_from_slice(&(self.lsn + 1).to_le_bytes());
-        let crc = record_crc(&rec[..total]);
+        let crc = record_crc(self.salt, &rec[..total]);
         rec[24..32].copy_from_slice(&crc.to_le_bytes());
         self.file.write_all_at(rec, self.head)
     }
@@ -192,7 +205,7 @@ impl CommitLog {
     /// Everything logged so far is durable in `store.db` (a synced commit came after it): the
     /// next record goes at the start.
     pub fn restart(&mut self) {
-        self.head = 0;
+        self.head = BLOCK as u64;
     }
 
     fn zero_block(&mut self, at: u64) -> io::Result<()> {
@@ -202,9 +215,11 @@ impl CommitLog {
     }
 }
 
-/// The CRC of a record: everything but the CRC field and the padding.
-fn record_crc(rec: &[u8]) -> u64 {
+/// The CRC of a record: the log's salt, and everything of the record but the CRC field and the
+/// padding.
+fn record_crc(salt: u64, rec: &[u8]) -> u64 {
     let mut d = CRC64.digest();
+    d.update(&salt.to_le_bytes());
     d.update(&rec[..24]);
     d.update(&rec[HEADER..]);
     d.finalize()
@@ -266,16 +281,36 @@ struct Scanned {
     payload: Vec<u8>,
 }
 
-/// Reads the chain of records from the start of the log: each valid and one LSN after the one
-/// before. Holds one record at a time.
+/// Reads the chain of records from the start of the log: each valid, of the log's salt, and one
+/// LSN after the one before. Holds one record at a time.
 struct Scanner {
     file: File,
     at: u64,
     prev: Option<u64>,
+    /// `None`: the first block is not a valid header, so the log holds no record.
+    salt: Option<u64>,
 }
 
 impl Scanner {
+    fn open(path: &Path) -> io::Result<Scanner> {
+        let file = File::open(path)?;
+        let mut block = [0u8; 24];
+        let salt = (read_at(&file, &mut block, 0)?
+            && &block[..8] == HEADER_MAGIC
+            && CRC64.checksum(&block[..16]).to_le_bytes() == block[16..24])
+            .then(|| u64::from_le_bytes(block[8..16].try_into().unwrap()));
+        Ok(Scanner {
+            file,
+            at: BLOCK as u64,
+            prev: None,
+            salt,
+        })
+    }
+
     fn next(&mut self) -> io::Result<Option<Scanned>> {
+        let Some(salt) = self.salt else {
+            return Ok(None);
+        };
         let mut head = [0u8; HEADER];
         if self.at + HEADER as u64 > LOG_SIZE || !read_at(&self.file, &mut head, self.at)? {
             return Ok(None);
@@ -300,7 +335,7 @@ impl Scanner {
         if !read_at(&self.file, &mut rec, self.at)? {
             return Ok(None);
         }
-        if record_crc(&rec) != le64(&rec[24..32]) {
+        if record_crc(salt, &rec) != le64(&rec[24..32]) {
             return Ok(None);
         }
         let text = |b: &[u8]| String::from_utf8(b.to_vec()).ok();
@@ -372,11 +407,7 @@ pub fn recover(
     let mut done = Recovered::default();
     let path = data_dir.join(FILE);
     if path.exists() {
-        let mut scan = Scanner {
-            file: File::open(&path)?,
-            at: 0,
-            prev: None,
-        };
+        let mut scan = Scanner::open(&path)?;
         while let Some(r) = scan.next()? {
             if r.lsn <= lsn {
                 continue;
@@ -518,11 +549,7 @@ mod tests {
     }
 
     fn records(dir: &Path) -> Vec<u64> {
-        let mut s = Scanner {
-            file: std::fs::File::open(dir.join(FILE)).unwrap(),
-            at: 0,
-            prev: None,
-        };
+        let mut s = Scanner::open(&dir.join(FILE)).unwrap();
         let mut out = vec![];
         while let Some(r) = s.next().unwrap() {
             out.push(r.lsn);
@@ -617,15 +644,15 @@ mod tests {
         drop(store);
         let to = dir.path().join("crashed");
         crashed_copy(&live, &snap, &to);
-        // The fourth record starts after three records of one padded block pair each; flip a
-        // byte of its payload.
+        // The fourth record starts after the header block and three records of three blocks
+        // each; flip a byte of its payload.
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(to.join(FILE))
             .unwrap();
         use std::os::unix::fs::FileExt;
-        let at = 3 * 12288 + 5000;
+        let at = 4096 + 3 * 12288 + 5000;
         let mut byte = [0u8];
         f.read_exact_at(&mut byte, at).unwrap();
         f.write_all_at(&[byte[0] ^ 0xff], at).unwrap();
@@ -697,7 +724,7 @@ mod tests {
             snapshot(&store, &s);
             snaps.push(s);
         }
-        let wraps: Vec<usize> = (1..heads.len()).filter(|&i| heads[i] == 0).collect();
+        let wraps: Vec<usize> = (1..heads.len()).filter(|&i| heads[i] == 4096).collect();
         assert!(wraps.len() >= 2, "the log never started over: {heads:?}");
         let last = *wraps.last().unwrap();
         assert!(records(&live).len() < 50);
@@ -713,6 +740,42 @@ mod tests {
             let store = open(&to);
             assert_serves(&store, "a", &a);
         }
+    }
+
+    /// Records are read only under the salt of the open that wrote them: a record copied from
+    /// another log (or bytes a client crafted to look like one) ends the scan.
+    #[test]
+    fn a_record_of_another_open_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for d in [&a, &b] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mut la = super::CommitLog::open(&a, 0).unwrap();
+        let lb = super::CommitLog::open(&b, 0).unwrap();
+        assert_ne!(la.salt, lb.salt);
+        let payload = vec![7u8; 3000];
+        la.stage(&key("x"), &mut &payload[..], 3000).unwrap();
+        la.append().unwrap();
+        la.committed();
+        assert_eq!(records(&a), vec![1]);
+        // The same bytes at the same place of the other log.
+        use std::os::unix::fs::FileExt;
+        let mut rec = vec![0u8; 4096];
+        std::fs::File::open(a.join(FILE))
+            .unwrap()
+            .read_exact_at(&mut rec, 4096)
+            .unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(b.join(FILE))
+            .unwrap();
+        f.write_all_at(&rec, 4096).unwrap();
+        assert_eq!(records(&b), Vec::<u64>::new());
+        // A reopened log has a new salt: what the old open wrote is not read again.
+        drop(la);
+        let _ = super::CommitLog::open(&a, 1).unwrap();
+        assert_eq!(records(&a), Vec::<u64>::new());
     }
 
     /// A transaction the store refuses leaves no record; the next one gets the next LSN.
