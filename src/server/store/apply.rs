@@ -1,11 +1,13 @@
 //! Accepting one LTX file (`POST /db/tx`): the lease check, then [`super::verify::ltx`] and the
 //! commit.
 //!
-//! Invariant: in local mode the file is verified and stored inside one IMMEDIATE SQLite
-//! transaction, so a refused file leaves no trace and an accepted one is durable before the
-//! reply: a file of up to [`commitlog::MAX_PAYLOAD`] through the commit log (its record synced
-//! before the SQLite commit, which then does not sync), a larger one by a synced SQLite commit.
-//! It does not parse HTTP or spool bodies.
+//! Invariant: in local mode a refused file leaves no trace and an accepted one is durable before
+//! the reply. A file of up to [`commitlog::MAX_PAYLOAD`] is verified and stored in the open
+//! batch of small transactions (an IMMEDIATE SQLite transaction, [`super::writer`]), then its
+//! record is synced to the commit log; the batch commits after the reply, without a sync. A
+//! refusal after it stored rows rolls the batch back and applies the batch's transactions again
+//! from the log. A larger file is verified and stored in an IMMEDIATE transaction of its own,
+//! committed with a sync. It does not parse HTTP or spool bodies.
 
 use std::io::Read;
 
@@ -44,11 +46,7 @@ impl Store {
                     verify::ltx(head, len, body, sink)
                 })?
             }
-            None => {
-                let applied = self.commit_local(key, lease, len, body)?;
-                self.notify();
-                applied
-            }
+            None => self.commit_local(key, lease, len, body)?,
         };
         Ok(Applied {
             pos: row.pos(),
@@ -66,47 +64,65 @@ impl Store {
         len: u64,
         mut body: impl Read,
     ) -> StoreResult<(TxnRow, u64)> {
-        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.w.lock_batch();
         let mut guard = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let log = guard.as_mut().expect("a local store has a commit log");
         let staged = log.stage(key, &mut body, len)?;
-        synchronous(&conn, staged != Staged::Logged)?;
+        if staged == Staged::Logged {
+            self.leases.check_write(key, lease)?;
+            self.w.begin(&mut conn)?;
+            let c = match self.write_logged(&conn, log, key, len) {
+                Ok(c) => c,
+                Err(e) => {
+                    drop(guard);
+                    self.w.reapply(&mut conn, self.data_dir(), &self.local());
+                    return Err(e);
+                }
+            };
+            // Durable: acknowledged from here. Its SQLite commit, which makes it visible, comes
+            // after the reply ([`super::writer`]).
+            log.committed();
+            drop(guard);
+            self.w.defer(conn, &self.finisher);
+            return Ok((c.row, c.stored));
+        }
+        // A synced commit of its own, after the open batch.
+        self.w.finish(&mut conn);
+        synchronous(&conn, true)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         self.leases.check_write(key, lease)?;
-        let c = match staged {
-            Staged::Logged => {
-                let c = commit_rows(&tx, key, &self.local(), None, |head, sink| {
-                    verify::ltx(head, len, log.payload(), sink)
-                })?;
-                commitlog::set_lsn(&tx, log.next_lsn())?;
-                // Durable first; then the commit makes it visible.
-                if let Err(e) = log.append() {
-                    log.undo();
-                    return Err(e.into());
-                }
-                if let Err(e) = tx.commit() {
-                    log.undo();
-                    return Err(e.into());
-                }
-                log.committed();
-                c
-            }
-            Staged::TooLarge | Staged::Full => {
-                let c = commit_rows(&tx, key, &self.local(), None, |head, sink| {
-                    verify::ltx(head, len, body, sink)
-                })?;
-                tx.commit()?;
-                if staged == Staged::Full {
-                    // That synced commit made every logged one durable in `store.db`.
-                    log.restart();
-                }
-                c
-            }
-        };
+        let c = commit_rows(&tx, key, &self.local(), None, |head, sink| {
+            verify::ltx(head, len, body, sink)
+        })?;
+        tx.commit()?;
+        if staged == Staged::Full {
+            // That synced commit made every logged one durable in `store.db`.
+            log.restart();
+        }
         drop(guard);
         drop(conn);
-        self.checkpointer.kick();
+        self.w.committed();
         Ok((c.row, c.stored))
+    }
+
+    /// Writes the staged record's transaction into the open transaction on `conn`, then the
+    /// record itself, durably. On an error the caller rolls back.
+    fn write_logged(
+        &self,
+        conn: &rusqlite::Connection,
+        log: &mut commitlog::CommitLog,
+        key: &DbKey,
+        len: u64,
+    ) -> StoreResult<super::Committed> {
+        let c = commit_rows(conn, key, &self.local(), None, |head, sink| {
+            verify::ltx(head, len, log.payload(), sink)
+        })?;
+        commitlog::set_lsn(conn, log.next_lsn())?;
+        if let Err(e) = log.append() {
+            log.undo();
+            return Err(e.into());
+        }
+        Ok(c)
     }
 }
 

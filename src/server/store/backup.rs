@@ -100,6 +100,13 @@ pub fn backup(data_dir: &Path, dest: &Path) -> StoreResult<BackedUp> {
         Err(StoreError::Locked(_)) => None,
         Err(e) => return Err(e),
     };
+    // A running server may hold acknowledged transactions in a batch not committed yet
+    // ([`super::writer`]); the batch holds SQLite's write lock, so once this takes that lock
+    // (and gives it back), everything acknowledged before the backup began is in `store.db`.
+    let barrier = Connection::open(&src)?;
+    barrier.busy_timeout(std::time::Duration::from_secs(10))?;
+    barrier.execute_batch("BEGIN IMMEDIATE; COMMIT")?;
+    drop(barrier);
     let lock = lock_file(data_dir)?;
     flock(&lock, libc::LOCK_SH)?;
     std::fs::create_dir_all(dest.join(DIR))?;

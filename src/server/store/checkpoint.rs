@@ -208,12 +208,15 @@ mod tests {
                 .apply_ltx(&key, None, bytes.len() as u64, &bytes[..])
                 .unwrap()
                 .pos;
-            // One commit at a time, as a client waiting for each reply does.
+            // One commit at a time, as a client waiting for each reply does, each committed to
+            // `store.db` on its own (as when a reader comes between them; batched, they write
+            // fewer frames).
+            store.w.settle();
             std::thread::sleep(Duration::from_micros(200));
         }
         std::thread::sleep(Duration::from_millis(100));
         let wal = wal_len(dir.path());
-        let runs = store.checkpointer.runs();
+        let runs = store.w.checkpointer.runs();
         // Each commit writes a few 32 KiB frames: tens of commits per 4 MiB of log.
         assert!(wal >= super::CHECKPOINT_AT, "the log file grew to {wal}");
         assert!(
@@ -226,6 +229,7 @@ mod tests {
         );
         // Woken only when a checkpoint is due, not after every commit.
         let kicks = store
+            .w
             .checkpointer
             .kicks
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -259,9 +263,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let auto: i64 = store
-            .writer
+            .w
             .lock()
-            .unwrap()
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
             .unwrap();
         assert_eq!(auto, 0, "the writer must not checkpoint inside a commit");

@@ -2,14 +2,15 @@
 //! made durable with one synced write instead of an fsynced SQLite commit.
 //!
 //! A local store commits each small transaction to `store.db` with `synchronous=NORMAL` (the
-//! log's frames are written but not synced) after writing the transaction's LTX file, as one
-//! record, to this log with `O_DSYNC` (and `O_DIRECT` where the filesystem has it). A synced
-//! SQLite commit writes a few whole 32 KiB store pages to its log and syncs them; a record here
-//! is the LTX file itself, padded to 4 KiB.
+//! log's frames are written but not synced), after the reply and in a batch with others
+//! ([`super::writer`]), after writing the transaction's LTX file, as one record, to this log
+//! with `O_DSYNC` (and `O_DIRECT` where the filesystem has it). A synced SQLite commit writes a
+//! few whole 32 KiB store pages to its log and syncs them; a record here is the LTX file itself,
+//! padded to 4 KiB.
 //!
 //! Invariants:
-//! - a record is written, and durable, before its transaction commits in `store.db`; a record
-//!   whose transaction then fails to commit is overwritten with zeros, durably, before the
+//! - a record is written, and durable, before its transaction is acknowledged or commits in
+//!   `store.db`; a record whose write fails is overwritten with zeros, durably, before the
 //!   failure is reported (or the process aborts: its outcome could not be made certain);
 //! - each record carries a log sequence number (LSN), one more than the record before it, and
 //!   `store.db` keeps the LSN of the last logged transaction it holds (`meta`, [`META_KEY`]) in
@@ -26,7 +27,8 @@
 //!   taken for a record: the client cannot know the salt.
 //!
 //! Recovery ([`recover`]) applies the records past `store.db`'s LSN with the same code that
-//! accepted them ([`super::commit_rows`]), in order, at open. This module does not check leases
+//! accepted them ([`super::commit_rows`]), in order, at open; the same code ([`apply_records`])
+//! applies a batch again after it was rolled back. This module does not check leases
 //! (they were checked when the record was written) and does not parse HTTP.
 
 use std::fs::{File, OpenOptions};
@@ -356,6 +358,22 @@ impl Scanner {
     }
 }
 
+/// The databases (cluster, name) that records of the log in `data_dir` name: read by the mode
+/// check at start, before the log is applied.
+pub fn logged_databases(
+    data_dir: &Path,
+) -> io::Result<std::collections::BTreeSet<(String, String)>> {
+    let mut out = std::collections::BTreeSet::new();
+    let path = data_dir.join(FILE);
+    if path.exists() {
+        let mut scan = Scanner::open(&path)?;
+        while let Some(r) = scan.next()? {
+            out.insert((r.key.cluster, r.key.name));
+        }
+    }
+    Ok(out)
+}
+
 /// Fills `buf` from `at`; false if the file ends first.
 fn read_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<bool> {
     match f.read_exact_at(buf, at) {
@@ -403,52 +421,61 @@ pub fn recover(
 ) -> StoreResult<(CommitLog, Recovered)> {
     writer.pragma_update(None, "synchronous", "FULL")?;
     let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut lsn = stored_lsn(&tx)?;
-    let mut done = Recovered::default();
-    let path = data_dir.join(FILE);
-    if path.exists() {
-        let mut scan = Scanner::open(&path)?;
-        while let Some(r) = scan.next()? {
-            if r.lsn <= lsn {
-                continue;
-            }
-            let len = r.payload.len() as u64;
-            commit_rows(&tx, &r.key, fetch, None, |head, sink| {
-                verify::ltx(head, len, &r.payload[..], sink)
-            })
-            .map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "record {} of {} (database {:?} of cluster {:?}) does not apply to \
-                     store.db: {e}. The store was not changed. Moving {FILE} out of the data \
-                     directory lets the server start without the transactions in it.",
-                    r.lsn,
-                    path.display(),
-                    r.key.name,
-                    r.key.cluster
-                ))
-            })?;
-            lsn = r.lsn;
-            done.applied += 1;
-            if done.applied == 1 {
-                tracing::info!(
-                    "applying transactions from {} lost by a crash",
-                    path.display()
-                );
-            }
-        }
-    }
+    let (lsn, applied) = apply_records(data_dir, &tx, fetch)?;
     // Written even when unchanged: this synced commit makes everything the log holds durable
     // in `store.db`, so the log can start over.
     set_lsn(&tx, lsn)?;
     tx.commit()?;
-    if done.applied > 0 {
-        tracing::info!(
-            "applied {} transactions from {}",
-            done.applied,
-            path.display()
-        );
+    let path = data_dir.join(FILE);
+    if applied > 0 {
+        tracing::info!("applied {applied} transactions from {}", path.display());
     }
-    Ok((CommitLog::open(data_dir, lsn)?, done))
+    Ok((CommitLog::open(data_dir, lsn)?, Recovered { applied }))
+}
+
+/// Applies, in `tx`, the records of the log past the LSN `store.db` holds, in order, with the
+/// code that accepted them; returns the LSN of the last one and how many were applied. At open
+/// ([`recover`]), and when a batch of logged transactions was rolled back
+/// ([`super::writer`]). A record that does not apply is [`StoreError::Corrupt`].
+pub fn apply_records(
+    data_dir: &Path,
+    tx: &Connection,
+    fetch: &dyn Fetch,
+) -> StoreResult<(u64, u64)> {
+    let mut lsn = stored_lsn(tx)?;
+    let mut applied = 0;
+    let path = data_dir.join(FILE);
+    if !path.exists() {
+        return Ok((lsn, 0));
+    }
+    let mut scan = Scanner::open(&path)?;
+    while let Some(r) = scan.next()? {
+        if r.lsn <= lsn {
+            continue;
+        }
+        let len = r.payload.len() as u64;
+        commit_rows(tx, &r.key, fetch, None, |head, sink| {
+            verify::ltx(head, len, &r.payload[..], sink)
+        })
+        .map_err(|e| {
+            StoreError::Corrupt(format!(
+                "record {} of {} (database {:?} of cluster {:?}) does not apply to \
+                 store.db: {e}. The store was not changed. Moving {FILE} out of the data \
+                 directory lets the server start without the transactions in it.",
+                r.lsn,
+                path.display(),
+                r.key.name,
+                r.key.cluster
+            ))
+        })?;
+        lsn = r.lsn;
+        applied += 1;
+        if applied == 1 {
+            tracing::info!("applying transactions from {}", path.display());
+        }
+    }
+    set_lsn(tx, lsn)?;
+    Ok((lsn, applied))
 }
 
 #[cfg(test)]
@@ -515,6 +542,14 @@ mod tests {
     /// A consistent copy of `store.db` as it is now: what a crash of the machine can leave when
     /// the commits after it were not synced.
     fn snapshot(store: &Store, to: &Path) {
+        // As of the last commit: its batch committed (unsynced), as a read would have it.
+        store.w.settle();
+        snapshot_as_is(store, to);
+    }
+
+    /// A copy of `store.db` as committed now, an open batch not included: what a crash of the
+    /// server (or the machine) leaves while a batch is open.
+    fn snapshot_as_is(store: &Store, to: &Path) {
         let conn = super::super::schema::open_reader(&store.path).unwrap();
         let mut out = rusqlite::Connection::open(to).unwrap();
         rusqlite::backup::Backup::new(&conn, &mut out)
@@ -827,5 +862,158 @@ mod tests {
         log.head = LOG_SIZE - 4096;
         let staged = log.stage(&key("a"), &mut &payload[..], 6000).unwrap();
         assert_eq!(staged, super::Staged::Full);
+    }
+
+    /// The newest TXID of `name` committed in `store.db` (an open batch not included).
+    fn committed_txid(store: &Store, name: &str) -> Option<i64> {
+        let conn = super::super::schema::open_reader(&store.path).unwrap();
+        conn.query_row(
+            "SELECT MAX(t.max_txid) FROM txns t JOIN dbs d ON d.id = t.db_id WHERE d.name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    fn hold(store: &Store) {
+        store
+            .w
+            .hold
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Logged transactions wait in a batch, not yet in `store.db`; watchers hear of each at
+    /// once, and the next read sees them all.
+    #[test]
+    fn a_batch_is_seen_by_the_next_read_and_watchers_hear_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        hold(&store);
+        let mut a = Model::default();
+        let mut changes = store.subscribe();
+        changes.borrow_and_update();
+        commit(&store, "a", &mut a, 1, 2, 1);
+        assert!(changes.has_changed().unwrap(), "watchers were not told");
+        for i in 2..5 {
+            commit(&store, "a", &mut a, 1, 1, i);
+        }
+        assert!(store.w.is_pending());
+        assert_eq!(committed_txid(&store, "a"), None, "the batch was committed");
+        assert_serves(&store, "a", &a);
+        assert!(!store.w.is_pending(), "the read did not commit the batch");
+        assert_eq!(committed_txid(&store, "a"), Some(4));
+    }
+
+    /// With nobody reading, the commit thread commits a batch on its own.
+    #[test]
+    fn the_commit_thread_commits_a_batch_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut a = Model::default();
+        for i in 0..3 {
+            commit(&store, "a", &mut a, 1, 1, i);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while committed_txid(&store, "a") != Some(3) {
+            assert!(std::time::Instant::now() < deadline, "batch still open");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!store.w.is_pending());
+    }
+
+    /// A transaction that fails inside a batch after writing rows (its pages are stored before
+    /// its post-apply checksum is found wrong) takes the batch back with it; the batch's
+    /// transactions, acknowledged, are applied again from the log: none is lost, none applied
+    /// twice, and the failed one leaves no record.
+    #[test]
+    fn a_failure_inside_a_batch_loses_none_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        hold(&store);
+        let (mut a, mut b) = (Model::default(), Model::default());
+        for i in 0..3 {
+            commit(&store, "a", &mut a, 1, 2, i);
+            commit(&store, "b", &mut b, 2, 1, i + 10);
+        }
+        assert!(store.w.is_pending());
+        let (mut bad, _) = a.tx(2, 3, 99);
+        let n = bad.len();
+        bad[n - 9] ^= 1; // the post-apply checksum
+        let err = store
+            .apply_ltx(&key("a"), None, bad.len() as u64, &bad[..])
+            .unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert!(!store.w.is_pending());
+        assert_eq!(committed_txid(&store, "a"), Some(3));
+        assert_eq!(committed_txid(&store, "b"), Some(3));
+        assert_serves(&store, "a", &a);
+        assert_serves(&store, "b", &b);
+        assert_eq!(records(dir.path()), (1..=6).collect::<Vec<u64>>());
+        // A refusal that writes nothing (a position the database is not at) leaves the batch.
+        commit(&store, "b", &mut b, 1, 1, 20);
+        let (stale, _) = Model::default().tx(1, 1, 21);
+        assert!(
+            store
+                .apply_ltx(&key("b"), None, stale.len() as u64, &stale[..])
+                .is_err()
+        );
+        commit(&store, "a", &mut a, 1, 1, 22);
+        assert_eq!(records(dir.path()), (1..=8).collect::<Vec<u64>>());
+        drop(store);
+        let store = open(dir.path());
+        assert_serves(&store, "a", &a);
+        assert_serves(&store, "b", &b);
+    }
+
+    /// A crash with a batch open (nothing of it in `store.db`) loses nothing: the next start
+    /// applies the batch from the log.
+    #[test]
+    fn a_crash_with_a_batch_open_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = open(&live);
+        let (mut a, mut b) = (Model::default(), Model::default());
+        commit(&store, "a", &mut a, 1, 1, 1);
+        store.w.settle();
+        hold(&store);
+        for i in 2..6 {
+            commit(&store, "a", &mut a, 1, 2, i);
+            commit(&store, "b", &mut b, 1, 1, i);
+        }
+        let snap = dir.path().join("snap");
+        snapshot_as_is(&store, &snap);
+        let to = dir.path().join("crashed");
+        crashed_copy(&live, &snap, &to);
+        drop(store);
+        let store = open(&to);
+        assert_serves(&store, "a", &a);
+        assert_serves(&store, "b", &b);
+    }
+
+    /// A backup taken while a batch is open holds the batch: it takes SQLite's write lock
+    /// first, which the batch holds until something commits it.
+    #[test]
+    fn a_backup_holds_the_open_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = open(&live);
+        hold(&store);
+        let mut a = Model::default();
+        for i in 0..3 {
+            commit(&store, "a", &mut a, 1, 1, i);
+        }
+        assert!(store.w.is_pending());
+        let dest = dir.path().join("backup");
+        std::thread::scope(|s| {
+            // The batch commits only after the backup began waiting.
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                store.w.settle();
+            });
+            super::super::backup::backup(&live, &dest).unwrap();
+        });
+        drop(store);
+        let copy = open(&dest);
+        assert_serves(&copy, "a", &a);
     }
 }

@@ -102,7 +102,7 @@ impl Store {
 
     /// Returns free pages of `store.db` to the file system and truncates its log.
     fn give_back(&self) -> StoreResult<()> {
-        let writer = || self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = || self.w.lock();
         {
             let conn = writer();
             // The pragma frees one page per step (each step yields a row), so it is stepped to

@@ -2,11 +2,13 @@
 //!
 //! Owns all persistent state (in `DATA_DIR/store.db`, see [`schema`]) and the in-memory leases.
 //! Invariants:
-//! - every accepted transaction (an LTX file, an upload, a restore) is exactly one SQLite
-//!   transaction on the single writer connection, durable before the caller replies (committed
-//!   with `synchronous=FULL`, or, for a small LTX file, synced as a record of the commit log
-//!   first, [`commitlog`]), so a crash leaves each database at its last acknowledged position;
-//!   the reply waits for nothing else (checkpoints run on their own thread, [`checkpoint`]);
+//! - every accepted transaction (an LTX file, an upload, a restore) is written on the single
+//!   writer connection and durable before the caller replies: committed with
+//!   `synchronous=FULL`, or, for a small LTX file, synced as a record of the commit log
+//!   ([`commitlog`]) and committed after the reply, in a batch with the small ones around it
+//!   ([`writer`]), before anything reads `store.db`. A crash leaves each database at its last
+//!   acknowledged position; the reply waits for nothing else (checkpoints run on their own
+//!   thread, [`checkpoint`]);
 //! - bad input is detected inside that transaction and rolls it back, so it changes nothing;
 //! - every position newer than the retention window can be read back page by page.
 //!
@@ -29,6 +31,7 @@ pub mod repack;
 mod retention;
 mod schema;
 mod verify;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -155,21 +158,21 @@ const READER_POOL: usize = 8;
 
 /// The store. Shared behind an `Arc`; all methods take `&self`.
 pub struct Store {
+    /// Commits deferred transactions ([`writer`]); first, so it stops before the rest drops.
+    finisher: writer::Finisher,
+    /// The writer connection, change notifications and the checkpoint thread.
+    w: Arc<writer::Writer>,
     path: PathBuf,
     tmp_dir: PathBuf,
-    writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     /// Warm sets of recent positions (`GET /db/page?warm=`), bounded in bytes.
     warm_sets: Mutex<read::WarmSets>,
-    changes: watch::Sender<u64>,
     leases: Leases,
     retention: Duration,
     /// Random, created with the store: the seed of cluster ids.
     store_id: String,
     /// Bucket mode (`--store`): the bucket and this server's view of it.
     remote: Option<Arc<remote::Remote>>,
-    /// Checkpoints the log after writes, off the reply path.
-    checkpointer: checkpoint::Checkpointer,
     /// Local mode: files holding the page bytes of large uploads.
     objects: Objects,
     /// Local mode: makes small transactions durable ([`commitlog`]); locked under `writer`.
@@ -266,22 +269,29 @@ impl Store {
                 Ok(())
             },
         ))?;
+        let w = Arc::new(writer::Writer::new(writer, checkpointer));
         Ok(Store {
-            checkpointer,
+            finisher: writer::Finisher::start(w.clone())?,
+            w,
             objects,
             log: Mutex::new(log),
             path,
             tmp_dir,
-            writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             warm_sets: Mutex::default(),
-            changes: watch::channel(0).0,
             leases: Leases::default(),
             retention,
             store_id,
             remote,
             _lock: lock,
         })
+    }
+
+    /// The data directory.
+    fn data_dir(&self) -> &Path {
+        self.path
+            .parent()
+            .expect("store.db is in the data directory")
     }
 
     /// Directory for spooled request bodies (emptied at start).
@@ -303,7 +313,7 @@ impl Store {
 
     /// A receiver that sees a new value after every change of any database.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+        self.w.subscribe()
     }
 
     /// Acquires a new write lease on `key`.
@@ -370,19 +380,19 @@ impl Store {
     }
 
     fn notify(&self) {
-        self.changes.send_modify(|v| *v += 1);
+        self.w.notify();
     }
 
     /// Runs `f` in one IMMEDIATE transaction on the writer connection; commits if `f` succeeds,
-    /// with a sync.
+    /// with a sync (which also makes every logged transaction before it durable in `store.db`).
     fn write<T>(&self, f: impl FnOnce(&Transaction) -> StoreResult<T>) -> StoreResult<T> {
-        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.w.lock();
         // A logged commit ([`apply`]) left it at NORMAL; this write is not in the log.
         synchronous(&conn, true)?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
-        self.checkpointer.kick();
+        self.w.checkpointer.kick();
         Ok(out)
     }
 
@@ -390,6 +400,8 @@ impl Store {
     fn read<T>(&self, f: impl FnOnce(&Transaction) -> StoreResult<T>) -> StoreResult<T> {
         // Registered before the snapshot begins: object space it may read stays until it ends.
         let _reading = self.objects.reading();
+        // The snapshot holds every transaction acknowledged so far.
+        self.w.settle();
         let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut conn = match pooled {
             Some(c) => c,

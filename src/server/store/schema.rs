@@ -226,11 +226,17 @@ pub fn check_mode(
             stored.split(' ').nth(1).unwrap_or("?")
         ))),
         (false, true) => {
-            let dbs: i64 = if has("dbs")? {
-                conn.query_row("SELECT COUNT(*) FROM dbs", [], |r| r.get(0))?
-            } else {
-                0
-            };
+            let mut names = std::collections::BTreeSet::new();
+            if has("dbs")? {
+                let mut stmt = conn.prepare("SELECT cluster, name FROM dbs")?;
+                for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                    names.insert(row?);
+                }
+            }
+            // Databases whose transactions only the commit log holds yet (a crash, or a kill
+            // with a batch open) count too.
+            names.extend(super::commitlog::logged_databases(data_dir)?);
+            let dbs = names.len();
             if dbs > 0 {
                 return Err(StoreError::Mode(format!(
                     "{dir} holds a local store with {dbs} database(s); with --store it would be \
