@@ -1,9 +1,9 @@
-//! The targets of issue 5, judged from a finished run's rows: met, not met, or not measured
+//! The targets of issues 5 and 10, judged from a finished run's rows: met, not met, or not measured
 //! (when a workload's litevfs side failed). Unmet targets are reported, not failures: the run
 //! fails only when a workload could not be measured.
 
 use super::report::{Report, fmt_num};
-use super::{cold, live, warm};
+use super::{bulk, cold, live, warm};
 
 /// What the judgement needs besides the rows.
 pub struct Facts {
@@ -28,6 +28,12 @@ fn lv_max(rep: &Report, workload: &str, metric: &str) -> Option<f64> {
         .litevfs
         .as_ref()
         .map(|s| s.max())
+}
+
+/// The medians of a row: (plain SQLite or the local reference, litevfs).
+fn medians(rep: &Report, workload: &str, metric: &str) -> Option<(f64, f64)> {
+    let r = rep.find(workload, metric)?;
+    Some((r.plain.as_ref()?.median(), r.litevfs.as_ref()?.median()))
 }
 
 pub fn evaluate(rep: &mut Report, f: &Facts) {
@@ -171,13 +177,9 @@ pub fn evaluate(rep: &mut Report, f: &Facts) {
     };
     rep.target("change visibility p50 < 50 ms, p99 < 250 ms", t.0, t.1);
 
-    let t = match rep.find(live::COMMITS, live::TPS).map(|r| {
-        (
-            r.plain.as_ref().map(|s| s.median()),
-            r.litevfs.as_ref().map(|s| s.median()),
-        )
-    }) {
-        Some((Some(p), Some(l))) => (
+    let commits = medians(rep, live::COMMITS, live::TPS);
+    let t = match commits {
+        Some((p, l)) => (
             Some(l >= p),
             format!(
                 "litevfs {} tx/s vs plain SQLite {} tx/s ({:.2}x)",
@@ -189,6 +191,50 @@ pub fn evaluate(rep: &mut Report, f: &Facts) {
         _ => (None, "no litevfs numbers".into()),
     };
     rep.target("commits at least plain SQLite's rate", t.0, t.1);
+
+    // Issue 10's thresholds, stricter than issue 5's above.
+    let t = match rep.find(warm::NAME, warm::SCAN).and_then(|r| r.ratio()) {
+        Some(r) => (
+            Some(r <= 1.05),
+            format!("full scan {r:.2}x (target <= 1.05x)"),
+        ),
+        None => (None, "no litevfs numbers".into()),
+    };
+    rep.target(
+        "warm full scan at most 1.05x plain SQLite (issue 10)",
+        t.0,
+        t.1,
+    );
+    let t = match commits {
+        Some((p, l)) => (
+            Some(l >= 1.5 * p),
+            format!("{:.2}x plain SQLite (target >= 1.50x)", l / p),
+        ),
+        None => (None, "no litevfs numbers".into()),
+    };
+    rep.target("commits at 1.5x plain SQLite (issue 10)", t.0, t.1);
+    let imp = medians(rep, bulk::NAME, bulk::IMPORT);
+    let exp = medians(rep, bulk::NAME, bulk::EXPORT);
+    let t = match (imp, exp) {
+        (Some((copy, i)), Some((_, e))) => (
+            Some(i.min(e) >= 300.0 && i.min(e) >= 0.5 * copy),
+            format!(
+                "import {} MB/s, export {} MB/s, a local copy with fsync {} MB/s ({:.2}x / {:.2}x; \
+                 target >= 300 MB/s and >= 0.50x)",
+                fmt_num(i),
+                fmt_num(e),
+                fmt_num(copy),
+                i / copy,
+                e / copy
+            ),
+        ),
+        _ => (None, "no litevfs numbers".into()),
+    };
+    rep.target(
+        "imports and exports at 300 MB/s and half a local copy (issue 10)",
+        t.0,
+        t.1,
+    );
 
     let small = lv_median(rep, super::MEMORY, SERVER_RSS_SMALL);
     let big = lv_median(rep, super::MEMORY, SERVER_RSS_BIG);
@@ -209,4 +255,61 @@ pub fn evaluate(rep: &mut Report, f: &Facts) {
         _ => (None, "server RSS not measured".into()),
     };
     rep.target("server RSS does not grow with database size", t.0, t.1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stats::Summary;
+    use super::*;
+
+    fn judged(scan: f64, commits: f64, import: f64) -> Vec<(&'static str, Option<bool>)> {
+        let mut rep = Report::default();
+        let one = |v: f64| Summary::of(vec![v]);
+        rep.row(warm::NAME, warm::SCAN, "ms", one(100.0), one(100.0 * scan));
+        rep.row(live::COMMITS, live::TPS, "tx/s", one(1000.0), one(commits));
+        let bulk_row = |m: &str| format!("{m}, 1181 MB");
+        rep.row(
+            bulk::NAME,
+            &bulk_row(bulk::IMPORT),
+            "MB/s",
+            one(900.0),
+            one(import),
+        );
+        rep.row(
+            bulk::NAME,
+            &bulk_row(bulk::EXPORT),
+            "MB/s",
+            one(900.0),
+            one(800.0),
+        );
+        let f = Facts {
+            big_depth: 4,
+            warm_bytes: 1,
+            big_bytes: 2,
+            delay_ms: 20,
+        };
+        evaluate(&mut rep, &f);
+        rep.targets
+            .iter()
+            .filter(|t| t.name.ends_with("(issue 10)"))
+            .map(|t| (t.name, t.met))
+            .collect()
+    }
+
+    /// Issue 10's thresholds are judged from the rows, each met or not on its own.
+    #[test]
+    fn issue_10_targets_are_judged_from_the_rows() {
+        let met = |v: &[(&str, Option<bool>)]| v.iter().map(|t| t.1).collect::<Vec<_>>();
+        assert_eq!(
+            met(&judged(1.0, 1600.0, 600.0)),
+            [Some(true), Some(true), Some(true)]
+        );
+        assert_eq!(
+            met(&judged(1.06, 1499.0, 449.0)),
+            [Some(false), Some(false), Some(false)]
+        );
+        // 300 MB/s is not enough when the local copy runs at 900.
+        assert_eq!(met(&judged(1.05, 1500.0, 320.0))[2], Some(false));
+        assert_eq!(met(&judged(1.05, 1500.0, 460.0)), [Some(true); 3]);
+    }
 }
