@@ -421,10 +421,9 @@ pub fn recover(
 ) -> StoreResult<(CommitLog, Recovered)> {
     writer.pragma_update(None, "synchronous", "FULL")?;
     let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // The LSN is written even when unchanged: this synced commit makes everything the log
+    // holds durable in `store.db`, so the log can start over.
     let (lsn, applied) = apply_records(data_dir, &tx, fetch)?;
-    // Written even when unchanged: this synced commit makes everything the log holds durable
-    // in `store.db`, so the log can start over.
-    set_lsn(&tx, lsn)?;
     tx.commit()?;
     let path = data_dir.join(FILE);
     if applied > 0 {
@@ -436,7 +435,8 @@ pub fn recover(
 /// Applies, in `tx`, the records of the log past the LSN `store.db` holds, in order, with the
 /// code that accepted them; returns the LSN of the last one and how many were applied. At open
 /// ([`recover`]), and when a batch of logged transactions was rolled back
-/// ([`super::writer`]). A record that does not apply is [`StoreError::Corrupt`].
+/// ([`super::writer`]). Records the LSN in `tx` (even when nothing was applied). A record that
+/// does not apply is [`StoreError::Corrupt`].
 pub fn apply_records(
     data_dir: &Path,
     tx: &Connection,
@@ -446,6 +446,7 @@ pub fn apply_records(
     let mut applied = 0;
     let path = data_dir.join(FILE);
     if !path.exists() {
+        set_lsn(tx, lsn)?;
         return Ok((lsn, 0));
     }
     let mut scan = Scanner::open(&path)?;
